@@ -1,0 +1,33 @@
+# Every target creates .venv and installs what it needs; nothing has to be installed by hand.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP_RUN := $(VENV)/.installed-run
+STAMP_TEST := $(VENV)/.installed-test
+
+.PHONY: run test bench bench-quick lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Pinned torch/torchvision: served from the local wheel cache on the dev machines.
+$(STAMP_RUN): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" -e .
+	touch $@
+
+$(STAMP_TEST): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@ $(STAMP_RUN)
+
+run: $(STAMP_RUN)
+	$(PY) -m fxrewrite rewrite torchvision:resnet18 --pass "depthwise-separable{rank=exact}" --input-shape 1,3,224,224
+
+test: $(STAMP_TEST)
+	$(PY) -m pytest -q
+
+lint: $(STAMP_TEST)
+	$(VENV)/bin/ruff check fxrewrite passes tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,34 @@
+"""fxrewrite: rewrite PyTorch convolutions into grouped / depthwise-separable forms at the torch.fx graph level,
+carrying the trained weights over, and report what changed.
+
+>>> import torch, fxrewrite
+>>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3))
+>>> result = fxrewrite.rewrite(model, (torch.randn(1, 3, 32, 32),), passes="depthwise-separable{rank=1}")
+>>> [r.status for r in result.report.records]
+['rewritten', 'rewritten']
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from fxrewrite.api import Plan, RewriteResult, plan, rewrite
+from fxrewrite.capture import trace
+from fxrewrite.errors import (
+    ConfigError,
+    FxRewriteError,
+    ModelLoadError,
+    PassFailure,
+    TraceFailure,
+    VerificationFailure,
+)
+from fxrewrite.patterns import Match, MatchFailure, NodePattern, Pattern
+from fxrewrite.report import Report, SiteRecord
+from fxrewrite.select import Rule
+from fxrewrite.sites import ConvSite, ConvSpec, Reason, find_sites
+
+__all__ = [
+    "ConfigError", "ConvSite", "ConvSpec", "FxRewriteError", "Match", "MatchFailure", "ModelLoadError",
+    "NodePattern", "PassFailure", "Pattern", "Plan", "Reason", "Report", "RewriteResult", "Rule", "SiteRecord",
+    "TraceFailure", "VerificationFailure", "__version__", "find_sites", "plan", "rewrite", "trace",
+]

@@ -1,0 +1,191 @@
+"""The ``fxrewrite`` command line: a thin layer over the Python API.
+
+Subcommands: ``plan`` (dry run), ``rewrite``, ``passes`` (lists every pass with its options and defaults).
+``--json`` prints one JSON document on stdout; logs go to stderr. Errors are one line unless FXREWRITE_DEBUG=1.
+
+Exit codes: 0 ok; 1 verification or gate failed; 2 usage or configuration error; 3 internal error; 4 the model
+could not be loaded or traced.
+
+>>> main(["passes"]) == 0  # doctest: +ELLIPSIS
+depthwise-separable...
+True
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INTERNAL, EXIT_MODEL = 0, 1, 2, 3, 4
+
+EPILOG = """exit codes:
+  0  ok
+  1  verification or gate failed
+  2  usage or configuration error (bad pass, option, selector, input shape)
+  3  internal error (a bug: please report it with FXREWRITE_DEBUG=1 output)
+  4  the model could not be loaded or traced
+
+model specs:
+  torchvision:NAME           torchvision model with random weights (e.g. torchvision:resnet18)
+  package.module:factory     imports the module and calls factory(**--model-kwargs); this RUNS that code,
+                             like torch.hub's trust flag: only use specs you trust
+"""
+
+
+class UsageError(Exception):
+    """A command-line usage error (exit code 2)."""
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"input shape must be comma-separated integers, got {text!r}") from exc
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"input shape must be positive integers, got {text!r}")
+    return dims
+
+
+def _key_json(text: str) -> tuple[str, Any]:
+    key, eq, value = text.partition("=")
+    if not eq:
+        raise argparse.ArgumentTypeError(f"expected name=JSON, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{key}: value is not JSON: {value!r}") from exc
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model spec: torchvision:NAME or package.module:factory")
+    p.add_argument("--input-shape", action="append", type=_shape, metavar="1,3,224,224",
+                   help="shape of one positional input (repeat for several inputs); default 1,3,224,224")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    p.add_argument("--model-kwargs", default="{}", help="JSON object passed to the model factory")
+    p.add_argument("--concrete-arg", action="append", type=_key_json, default=[], metavar="NAME=JSON",
+                   help="fix a non-tensor forward argument for tracing (repeatable)")
+    p.add_argument("--leaf-module", action="append", default=[], metavar="QUALNAME",
+                   help="keep this submodule opaque when tracing (repeatable)")
+    p.add_argument("--pass", dest="passes", action="append", default=[], metavar="PIPELINE",
+                   help='pass pipeline, e.g. "depthwise-separable{rank=1}" or "grouped{groups=4},channel-shuffle"')
+    p.add_argument("--select", action="append", default=[], metavar="NAME|GLOB|re:REGEX",
+                   help="only touch matching sites (repeatable; a selector that matches nothing is an error)")
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    p.add_argument("--markdown", action="store_true", help="print the report as Markdown")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxrewrite", description="Rewrite PyTorch convolutions into grouped / "
+                                     "depthwise-separable forms at the torch.fx level and report what changed.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("plan", "dry run: list sites and what the passes would do; changes nothing"),
+                       ("rewrite", "rewrite the model and print the report")):
+        p = sub.add_parser(name, help=text, description=text, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _model_args(p)
+    p = sub.add_parser("passes", help="list every pass with its options and defaults")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _list_passes(as_json: bool) -> str:
+    from fxrewrite.passes import REGISTRY
+    entries = []
+    for name, cls in sorted(REGISTRY.items()):
+        options = {f.name: f.default for f in dataclasses.fields(cls)}
+        entries.append({"name": name, "description": cls.description, "options": options})
+    if as_json:
+        return json.dumps({"passes": entries}, indent=2)
+    lines = []
+    for e in entries:
+        opts = ", ".join(f"{k}={v}" for k, v in e["options"].items())
+        lines.append(f"{e['name']}{{{opts}}}\n    {e['description']}")
+    return "\n".join(lines)
+
+
+def _run_model_command(args: argparse.Namespace) -> tuple[str, int]:
+    import torch
+
+    import fxrewrite
+    from fxrewrite.models import load_model
+
+    try:
+        kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--model-kwargs is not valid JSON: {exc}") from exc
+    if not isinstance(kwargs, dict):
+        raise UsageError("--model-kwargs must be a JSON object")
+    model = load_model(args.model, kwargs)
+    dtype = getattr(torch, args.dtype)
+    model = model.to(dtype)
+    shapes = args.input_shape or [(1, 3, 224, 224)]
+    inputs = tuple(torch.randn(*s, dtype=dtype) for s in shapes)
+    capture = {"concrete_args": dict(args.concrete_arg) or None, "leaf_modules": args.leaf_module}
+    passes = ",".join(args.passes) or None
+    select = args.select or None
+    if args.command == "plan":
+        result: Any = fxrewrite.plan(model, inputs, passes, select=select, **capture)
+        if args.json:
+            sites = [dataclasses.asdict(s) for s in result.sites]
+            doc = {"sites": sites, "plan": result.report.to_dict()}
+            return json.dumps(doc, indent=2, default=str), EXIT_OK
+        return (result.report.to_markdown() if args.markdown and result.records else str(result)), EXIT_OK
+    result = fxrewrite.rewrite(model, inputs, passes, select=select, **capture)
+    report = result.report
+    if args.json:
+        return report.to_json(), EXIT_OK
+    return (report.to_markdown() if args.markdown else str(report)), EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fxrewrite`` and ``python -m fxrewrite``; returns the exit code."""
+    from fxrewrite.errors import (
+        ConfigError,
+        FxRewriteError,
+        ModelLoadError,
+        TraceFailure,
+        VerificationFailure,
+    )
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors and 0 on --help
+        return int(exc.code or 0)
+    debug = os.environ.get("FXREWRITE_DEBUG") == "1"
+    try:
+        if args.command == "passes":
+            print(_list_passes(args.json))
+            return EXIT_OK
+        text, code = _run_model_command(args)
+        print(text)
+        return code
+    except (ModelLoadError, TraceFailure) as exc:
+        return _fail(exc, EXIT_MODEL, debug)
+    except VerificationFailure as exc:
+        return _fail(exc, EXIT_GATE, debug)
+    except (ConfigError, UsageError) as exc:
+        return _fail(exc, EXIT_USAGE, debug)
+    except FxRewriteError as exc:
+        return _fail(exc, EXIT_INTERNAL, debug)
+    except Exception as exc:
+        return _fail(exc, EXIT_INTERNAL, debug, internal=True)
+
+
+def _fail(exc: BaseException, code: int, debug: bool, internal: bool = False) -> int:
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    else:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        prefix = "internal error" if internal else "error"
+        hint = " (set FXREWRITE_DEBUG=1 for the traceback)" if internal else ""
+        more = "\n" + "\n".join(str(exc).strip().splitlines()[1:]) if len(str(exc).strip().splitlines()) > 1 else ""
+        print(f"fxrewrite: {prefix}: {first}{hint}{more}", file=sys.stderr)
+    return code

@@ -1,0 +1,275 @@
+"""Factorisations of Conv2d weights into cheaper grouped / separable convolutions.
+
+Pure tensor maths: no ``nn.Module`` and no ``torch.fx``. A conv weight ``W`` has shape
+``(O, I/G, kh, kw)`` where ``G`` is the source conv's ``groups``; ``K = kh * kw``.
+
+Every factorisation is computed in float64 on the weight's device and returned in the weight's
+dtype and device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BlockDiagonal",
+    "SeparableFactors",
+    "block_diagonal",
+    "channel_shuffle_permutation",
+    "dense_weight",
+    "depthwise_separable",
+    "exact_rank",
+    "grouped_separable",
+    "predicted_rel_error",
+    "singular_values",
+]
+
+
+@dataclass(frozen=True)
+class SeparableFactors:
+    """Factors of a conv weight as ``conv1x1(groups=G, pointwise) o conv(groups=g, spatial)``.
+
+    ``spatial`` has shape ``(g*r, I/g, kh, kw)``: output channel ``i*r + j`` belongs to input group ``i``.
+    ``pointwise`` has shape ``(O, g*r/G, 1, 1)`` and is used with ``groups=G`` (the source groups).
+    ``rel_error`` is ``||W - W'||_F / ||W||_F`` from the singular values; ``exact`` is ``rank >= exact_rank``.
+    """
+
+    spatial: Tensor
+    pointwise: Tensor
+    rank: int
+    groups: int
+    rel_error: float
+    exact: bool
+
+
+@dataclass(frozen=True)
+class BlockDiagonal:
+    """Block-diagonal truncation of a conv weight, usable as ``Conv2d(groups=groups)``.
+
+    ``kept_energy`` is ``||W_kept||^2 / ||W||^2`` (1.0 for a zero weight), ``rel_error`` is
+    ``sqrt(1 - kept_energy)`` and ``exact`` is True when nothing nonzero was dropped.
+    """
+
+    weight: Tensor
+    groups: int
+    kept_energy: float
+    rel_error: float
+    exact: bool
+
+
+def _check_weight(weight_shape: tuple[int, ...], source_groups: int) -> tuple[int, int, int]:
+    """Validate a conv weight shape; return ``(O, I, K)``."""
+    if len(weight_shape) != 4:
+        raise ValueError(f"expected a 4-D conv weight (O, I/G, kh, kw), got shape {tuple(weight_shape)}")
+    if source_groups < 1:
+        raise ValueError(f"source_groups must be >= 1, got {source_groups}")
+    out_ch, in_per_group, kh, kw = (int(s) for s in weight_shape)
+    if out_ch % source_groups != 0:
+        raise ValueError(
+            f"source_groups={source_groups} does not divide the {out_ch} output channels of weight "
+            f"shape {tuple(weight_shape)}"
+        )
+    return out_ch, in_per_group * source_groups, kh * kw
+
+
+def _check_groups(in_ch: int, source_groups: int, groups: int) -> None:
+    """Validate the target ``groups`` against the input channels and the source groups."""
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    if in_ch % groups != 0:
+        raise ValueError(f"groups={groups} does not divide the number of input channels I={in_ch}")
+    if groups % source_groups != 0:
+        raise ValueError(f"groups={groups} is not a multiple of source_groups={source_groups}")
+
+
+def exact_rank(weight_shape: tuple[int, ...], source_groups: int, groups: int) -> int:
+    """Rank at which grouped-separable factoring is exact: ``min(O/G, (I/g)*K)``.
+
+    >>> exact_rank((8, 4, 3, 3), source_groups=1, groups=4)
+    8
+    >>> exact_rank((8, 4, 1, 1), source_groups=1, groups=4)
+    1
+    """
+    out_ch, in_ch, k = _check_weight(tuple(weight_shape), source_groups)
+    _check_groups(in_ch, source_groups, groups)
+    return min(out_ch // source_groups, (in_ch // groups) * k)
+
+
+def dense_weight(weight: Tensor, source_groups: int) -> Tensor:
+    """Expand a grouped conv weight to its dense ``(O, I, kh, kw)`` form (zeros off the block diagonal).
+
+    >>> dense_weight(torch.ones(4, 1, 1, 1), 2)[:, :, 0, 0]
+    tensor([[1., 0.],
+            [1., 0.],
+            [0., 1.],
+            [0., 1.]])
+    """
+    out_ch, in_ch, _ = _check_weight(tuple(weight.shape), source_groups)
+    g = source_groups
+    ob, ib = out_ch // g, in_ch // g
+    kh, kw = weight.shape[2], weight.shape[3]
+    dense = weight.new_zeros(out_ch, in_ch, kh, kw)
+    # diagonal over (output block, input block) is a writable view of shape (Ob, Ib, kh, kw, G)
+    diag = torch.diagonal(dense.view(g, ob, g, ib, kh, kw), dim1=0, dim2=2)
+    diag.copy_(weight.reshape(g, ob, ib, kh, kw).movedim(0, -1))
+    return dense
+
+
+def _group_matrices(weight: Tensor, source_groups: int, groups: int) -> Tensor:
+    """Per-input-group matrices ``A_i`` of shape ``(g, O/G, (I/g)*K)`` in float64.
+
+    ``A_i`` is the source weight restricted to input group ``i`` and the output block that sees it.
+    """
+    out_ch, in_ch, k = _check_weight(tuple(weight.shape), source_groups)
+    _check_groups(in_ch, source_groups, groups)
+    big_g, g = source_groups, groups
+    per_block = g // big_g  # input groups per source block
+    c = in_ch // g
+    w = weight.detach().to(torch.float64)
+    # (G, O/G, g/G, c, K) -> (G, g/G, O/G, c, K) -> (g, O/G, c*K); input group i = b*(g/G) + l
+    w = w.reshape(big_g, out_ch // big_g, per_block, c, k).permute(0, 2, 1, 3, 4)
+    return w.reshape(g, out_ch // big_g, c * k)
+
+
+def singular_values(weight: Tensor, *, source_groups: int = 1, groups: int) -> Tensor:
+    """Singular values per input group, float64 of shape ``(g, min(O/G, (I/g)*K))``, descending.
+
+    >>> sv = singular_values(torch.eye(4).reshape(4, 4, 1, 1), groups=2)
+    >>> sv.tolist()
+    [[1.0, 1.0], [1.0, 1.0]]
+    """
+    return torch.linalg.svdvals(_group_matrices(weight, source_groups, groups))
+
+
+def predicted_rel_error(sv: Tensor, rank: int) -> float:
+    """Relative Frobenius error of keeping the top ``rank`` singular values of every group.
+
+    ``sv`` is the output of :func:`singular_values`; returns 0.0 when all singular values are zero.
+
+    >>> predicted_rel_error(torch.tensor([[3.0, 4.0]], dtype=torch.float64), 1)
+    0.8
+    """
+    if rank < 0:
+        raise ValueError(f"rank must be >= 0, got {rank}")
+    energy = sv.to(torch.float64).square()
+    total = float(energy.sum())
+    if total == 0.0:
+        return 0.0
+    discarded = float(energy[..., rank:].sum())
+    return math.sqrt(max(discarded, 0.0) / total)
+
+
+def grouped_separable(weight: Tensor, *, source_groups: int = 1, groups: int, rank: int) -> SeparableFactors:
+    """Best rank-``rank`` factorisation of a conv as ``conv1x1(groups=G) o conv(groups=groups)``.
+
+    Each input group ``i`` gets a truncated SVD of ``A_i`` (see :func:`singular_values`); the spatial
+    conv holds ``sqrt(s_j) v_j`` and the pointwise conv ``sqrt(s_j) u_j``. Signs are fixed so that the
+    largest-magnitude entry of each ``v_j`` is positive.
+
+    >>> import torch.nn.functional as F
+    >>> w, x = torch.randn(8, 4, 3, 3), torch.randn(1, 4, 6, 6)
+    >>> f = grouped_separable(w, groups=2, rank=8)
+    >>> f.spatial.shape, f.pointwise.shape, f.exact
+    (torch.Size([16, 2, 3, 3]), torch.Size([8, 16, 1, 1]), True)
+    >>> y = F.conv2d(F.conv2d(x, f.spatial, groups=2), f.pointwise)
+    >>> torch.allclose(y, F.conv2d(x, w), atol=1e-4)
+    True
+    """
+    a = _group_matrices(weight, source_groups, groups)
+    g, ob, _ = a.shape
+    max_rank = min(a.shape[1], a.shape[2])
+    if not 1 <= rank <= max_rank:
+        raise ValueError(
+            f"rank={rank} must be between 1 and the exact rank {max_rank} = min(O/G={ob}, "
+            f"(I/g)*K={a.shape[2]}) for weight shape {tuple(weight.shape)}, groups={groups}, "
+            f"source_groups={source_groups}"
+        )
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    rel = predicted_rel_error(s, rank)
+    u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
+    # deterministic signs: largest-|.| entry of each v_j positive
+    idx = vh.abs().argmax(dim=-1, keepdim=True)
+    sign = torch.sign(torch.gather(vh, -1, idx))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)  # (g, r, 1)
+    vh = vh * sign
+    u = u * sign.transpose(-1, -2)
+    root = s.clamp_min(0).sqrt()  # (g, r)
+
+    big_g = source_groups
+    kh, kw = weight.shape[2], weight.shape[3]
+    c = weight.shape[1] * big_g // g
+    spatial = (vh * root.unsqueeze(-1)).reshape(g * rank, c, kh, kw)
+    # u: (g, O/G, r) -> (G, g/G, O/G, r) -> (G, O/G, g/G, r) -> (O, (g/G)*r)
+    pw = (u * root.unsqueeze(-2)).reshape(big_g, g // big_g, ob, rank).permute(0, 2, 1, 3)
+    pointwise = pw.reshape(big_g * ob, (g // big_g) * rank, 1, 1)
+
+    return SeparableFactors(
+        spatial=spatial.to(dtype=weight.dtype),
+        pointwise=pointwise.to(dtype=weight.dtype),
+        rank=rank,
+        groups=groups,
+        rel_error=rel,
+        exact=rank >= max_rank,
+    )
+
+
+def depthwise_separable(weight: Tensor, *, source_groups: int = 1, rank: int) -> SeparableFactors:
+    """Depthwise-separable factorisation (multiplier ``rank``): :func:`grouped_separable` with ``g = I``.
+
+    >>> f = depthwise_separable(torch.randn(8, 4, 3, 3), rank=2)
+    >>> f.spatial.shape, f.pointwise.shape
+    (torch.Size([8, 1, 3, 3]), torch.Size([8, 8, 1, 1]))
+    """
+    in_ch = weight.shape[1] * source_groups if weight.dim() == 4 else 0
+    return grouped_separable(weight, source_groups=source_groups, groups=in_ch, rank=rank)
+
+
+def block_diagonal(weight: Tensor, *, source_groups: int = 1, groups: int) -> BlockDiagonal:
+    """Keep only the block-diagonal part of the dense weight, as the weight of ``Conv2d(groups=groups)``.
+
+    >>> b = block_diagonal(torch.ones(4, 4, 1, 1), groups=2)
+    >>> b.weight.shape, b.kept_energy, b.exact
+    (torch.Size([4, 2, 1, 1]), 0.5, False)
+    """
+    out_ch, in_ch, _ = _check_weight(tuple(weight.shape), source_groups)
+    _check_groups(in_ch, source_groups, groups)
+    if out_ch % groups != 0:
+        raise ValueError(f"groups={groups} does not divide the number of output channels O={out_ch}")
+    g = groups
+    ob, c = out_ch // g, in_ch // g
+    kh, kw = weight.shape[2], weight.shape[3]
+    dense = dense_weight(weight.detach().to(torch.float64), source_groups)
+    # (O/g, c, kh, kw, g) -> (g, O/g, c, kh, kw)
+    kept = torch.diagonal(dense.view(g, ob, g, c, kh, kw), dim1=0, dim2=2).movedim(-1, 0)
+    kept = kept.reshape(out_ch, c, kh, kw)
+    mask = (torch.arange(out_ch, device=dense.device) // ob)[:, None] == (
+        torch.arange(in_ch, device=dense.device) // c
+    )[None, :]
+    dropped = dense.masked_fill(mask[:, :, None, None], 0.0)
+    kept_sq = float(kept.square().sum())
+    dropped_sq = float(dropped.square().sum())
+    total = kept_sq + dropped_sq
+    return BlockDiagonal(
+        weight=kept.to(dtype=weight.dtype).contiguous(),
+        groups=g,
+        kept_energy=1.0 if total == 0.0 else kept_sq / total,
+        rel_error=0.0 if total == 0.0 else math.sqrt(dropped_sq / total),
+        exact=not bool(dropped.any()),
+    )
+
+
+def channel_shuffle_permutation(channels: int, groups: int) -> Tensor:
+    """Permutation ``perm`` with ``shuffle(x)[:, k] == x[:, perm[k]]`` for the usual channel shuffle.
+
+    ``shuffle(x) = x.view(N, groups, C // groups, H, W).transpose(1, 2).reshape(N, C, H, W)``.
+
+    >>> channel_shuffle_permutation(6, 2)
+    tensor([0, 3, 1, 4, 2, 5])
+    """
+    if groups < 1 or channels < 0 or channels % groups != 0:
+        raise ValueError(f"groups={groups} does not divide channels={channels}")
+    return torch.arange(channels, dtype=torch.long).view(groups, channels // groups).t().reshape(-1)

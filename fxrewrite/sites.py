@@ -1,0 +1,266 @@
+"""Convolution sites: every 2-D convolution in a GraphModule, with its spec, shapes and eligibility.
+
+A site is a ``call_module`` node whose module is an ``nn.Conv2d`` (exact type: subclasses are listed but never
+treated as plain), or a ``call_function`` of ``F.conv2d`` / ``torch.conv2d``. Finding sites is pure: the graph is
+never edited. Each site says, for each rewrite kind, whether it is eligible, and if not a reason code and a sentence.
+1-D, 3-D and transposed convolutions are not sites.
+
+>>> import torch
+>>> from fxrewrite.capture import trace
+>>> from fxrewrite.shapes import propagate_shapes
+>>> gm = trace(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3, groups=8)))
+>>> propagate_shapes(gm, (torch.randn(1, 3, 16, 16),))
+>>> [(s.name, getattr(s.reason_for("depthwise-separable"), "code", None)) for s in find_sites(gm)]
+[('0', None), ('1', 'already-depthwise')]
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from fxrewrite.shapes import shape_of
+
+CONV_FUNCTIONS = (F.conv2d, torch.conv2d)
+REWRITE_KINDS = ("depthwise-separable", "grouped-separable", "grouped")
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why a site is not rewritten: a stable machine-readable ``code`` and a sentence for people."""
+
+    code: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.text}"
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """The hyper-parameters of a 2-D convolution (padding is a pair of ints or 'same' / 'valid')."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int] | str
+    dilation: tuple[int, int]
+    groups: int
+    bias: bool
+    padding_mode: str = "zeros"
+
+    @property
+    def is_depthwise(self) -> bool:
+        return self.groups == self.in_channels and self.in_channels > 1
+
+    @property
+    def is_grouped(self) -> bool:
+        return 1 < self.groups < self.in_channels
+
+    def valid_groups(self) -> list[int]:
+        """Group counts g > current groups that a grouped conv of this shape could use (g | I, g | O, groups | g)."""
+        return [g for g in range(self.groups + 1, self.in_channels + 1)
+                if self.in_channels % g == 0 and self.out_channels % g == 0 and g % self.groups == 0]
+
+
+@dataclass(frozen=True)
+class ConvSite:
+    """One convolution call in the graph.
+
+    ``name`` is the module's qualified name (the node name for a functional conv); ``blocker`` is a reason that
+    stops every rewrite (None when the site is rewritable in principle); ``eligibility`` gives, per rewrite kind,
+    None (eligible with default options) or the reason it is not.
+    """
+
+    name: str
+    node: str
+    kind: str  # "module" or "function"
+    module_type: str
+    spec: ConvSpec
+    input_shape: tuple[int, ...] | None
+    output_shape: tuple[int, ...] | None
+    dtype: str
+    blocker: Reason | None
+    eligibility: tuple[tuple[str, Reason | None], ...]
+
+    def reason_for(self, kind: str) -> Reason | None:
+        return dict(self.eligibility)[kind]
+
+    @property
+    def macs(self) -> int:
+        """MACs of this convolution (1 MAC = one multiply-add, bias not counted); 0 without shapes."""
+        if self.output_shape is None:
+            return 0
+        s = self.spec
+        return _numel(self.output_shape) * (s.in_channels // s.groups) * s.kernel_size[0] * s.kernel_size[1]
+
+    @property
+    def params(self) -> int:
+        s = self.spec
+        weights = s.out_channels * (s.in_channels // s.groups) * s.kernel_size[0] * s.kernel_size[1]
+        return weights + (s.out_channels if s.bias else 0)
+
+
+def _numel(shape: Iterable[int]) -> int:
+    total = 1
+    for d in shape:
+        total *= int(d)
+    return total
+
+
+def _pair(value: int | Iterable[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    a, b = tuple(value)
+    return (int(a), int(b))
+
+
+def spec_of_module(conv: nn.Conv2d) -> ConvSpec:
+    padding = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
+    return ConvSpec(conv.in_channels, conv.out_channels, _pair(conv.kernel_size), _pair(conv.stride), padding,
+                    _pair(conv.dilation), conv.groups, conv.bias is not None, conv.padding_mode)
+
+
+def _module_blocker(conv: nn.Module, call_count: int, tied: bool) -> Reason | None:
+    if parametrize.is_parametrized(conv) or hasattr(conv, "weight_g") or hasattr(conv, "weight_orig"):
+        return Reason("parametrized-weight", "the weight is parametrized (weight_norm / spectral_norm / "
+                      "parametrize); remove the parametrization first (e.g. parametrize.remove_parametrizations).")
+    if type(conv) is not nn.Conv2d:
+        return Reason("conv-subclass", f"{type(conv).__name__} subclasses nn.Conv2d with its own forward; it is "
+                      "not treated as a plain convolution.")
+    if conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks:
+        return Reason("module-hooks", "the module has hooks that a rewrite would drop; remove them first.")
+    if call_count > 1:
+        return Reason("shared-module", f"the module is called from {call_count} places; rewriting one call would "
+                      "untie the weights.")
+    if tied:
+        return Reason("tied-weight", "the weight is shared with another module; rewriting would untie it.")
+    return None
+
+
+def _kind_reasons(spec: ConvSpec) -> tuple[tuple[str, Reason | None], ...]:
+    """Per rewrite kind: None (eligible with its default options) or why not."""
+    if spec.is_depthwise:
+        why = Reason("already-depthwise", f"groups={spec.groups} equals in_channels; already depthwise.")
+        return tuple((k, why) for k in REWRITE_KINDS)
+    out: dict[str, Reason | None] = {}
+    kernel_is_1x1 = spec.kernel_size == (1, 1)
+    if kernel_is_1x1:
+        why = Reason("pointwise-kernel", "1x1 kernel: a depthwise kxk + 1x1 split would cost more, not less.")
+        out["depthwise-separable"] = why
+        out["grouped-separable"] = why
+    elif spec.in_channels // spec.groups == 1:
+        why = Reason("single-input-channel", "each group has one input channel; a separable split saves nothing.")
+        out["depthwise-separable"] = why
+        out["grouped-separable"] = why
+    else:
+        out["depthwise-separable"] = None
+        out["grouped-separable"] = None
+    valid = spec.valid_groups()
+    if not valid:
+        prefix = f"already grouped (groups={spec.groups}); " if spec.is_grouped else ""
+        out["grouped"] = Reason("channels-not-divisible", f"{prefix}no group count g > {spec.groups} divides "
+                                f"in_channels={spec.in_channels} and out_channels={spec.out_channels}.")
+    else:
+        out["grouped"] = None
+    return tuple((k, out[k]) for k in REWRITE_KINDS)
+
+
+def _const_tensor(gm: torch.fx.GraphModule, arg: object) -> torch.Tensor | None:
+    if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+        value = operator.attrgetter(str(arg.target))(gm)
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def _function_site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> ConvSite | None:
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+    bound = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    weight_arg = bound.get("weight")
+    weight = _const_tensor(gm, weight_arg)
+    val = weight_arg.meta.get("val") if isinstance(weight_arg, torch.fx.Node) else None
+    w_shape = tuple(weight.shape) if weight is not None else (tuple(val.shape) if val is not None else None)
+    if w_shape is None or len(w_shape) != 4:
+        return None  # not a 2-D conv we can describe (1-D/3-D through F.conv2d is impossible; unknown shape)
+    for key, default in defaults.items():
+        bound.setdefault(key, default)
+    padding = bound["padding"]
+    groups = int(bound["groups"]) if isinstance(bound["groups"], int) else 1
+    spec = ConvSpec(int(w_shape[1]) * groups, int(w_shape[0]), (int(w_shape[2]), int(w_shape[3])),
+                    _pair(bound["stride"]), padding if isinstance(padding, str) else _pair(padding),
+                    _pair(bound["dilation"]), groups, bound["bias"] is not None)
+    blocker = None
+    bias_arg = bound["bias"]
+    if weight is None or (bias_arg is not None and _const_tensor(gm, bias_arg) is None):
+        blocker = Reason("computed-weight", "the weight or bias is computed in the graph, not a constant attribute.")
+    elif not all(isinstance(bound[k], int | tuple | list | str) for k in ("stride", "padding", "dilation", "groups")):
+        blocker = Reason("computed-weight", "stride/padding/dilation/groups are computed in the graph.")
+    return _make_site(node.name, node, "function", getattr(node.target, "__name__", str(node.target)), spec, blocker)
+
+
+def _make_site(name: str, node: torch.fx.Node, kind: str, module_type: str, spec: ConvSpec,
+               blocker: Reason | None) -> ConvSite:
+    input_node = node.args[0] if node.args else node.kwargs.get("input")
+    input_shape = shape_of(input_node) if isinstance(input_node, torch.fx.Node) else None
+    val = node.meta.get("val")
+    dtype = str(val.dtype).removeprefix("torch.") if isinstance(val, torch.Tensor) else "unknown"
+    eligibility = tuple((k, blocker) for k in REWRITE_KINDS) if blocker else _kind_reasons(spec)
+    return ConvSite(name, node.name, kind, module_type, spec, input_shape, shape_of(node), dtype, blocker,
+                    eligibility)
+
+
+def find_sites(gm: torch.fx.GraphModule) -> list[ConvSite]:
+    """All 2-D convolution sites of ``gm`` in graph order (shapes are filled when ``propagate_shapes`` ran)."""
+    modules = dict(gm.named_modules())
+    conv_nodes = [n for n in gm.graph.nodes
+                  if n.op == "call_module" and isinstance(modules.get(str(n.target)), nn.Conv2d)]
+    calls = Counter(str(n.target) for n in conv_nodes)
+    weight_owners = Counter(id(m.weight) for m in modules.values() if isinstance(m, nn.Conv2d))
+    sites: list[ConvSite] = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and str(node.target) in calls:
+            conv = modules[str(node.target)]
+            tied = weight_owners[id(conv.weight)] > 1
+            blocker = _module_blocker(conv, calls[str(node.target)], tied)
+            sites.append(_make_site(str(node.target), node, "module", type(conv).__name__, spec_of_module(conv),
+                                    blocker))
+        elif node.op == "call_function" and node.target in CONV_FUNCTIONS:
+            site = _function_site(gm, node)
+            if site is not None:
+                sites.append(site)
+    return sites
+
+
+def check_groups(site: ConvSite, groups: int, *, out_divisible: bool) -> Reason | None:
+    """Why ``groups`` cannot be used at ``site`` (None when it can).
+
+    A grouped conv needs g | in_channels and g | out_channels (``out_divisible``); a grouped-separable split needs
+    only g | in_channels. Either way g must be a multiple of the site's current groups (its weight is block-diagonal).
+    """
+    s = site.spec
+    valid = [g for g in range(max(2, s.groups), s.in_channels + 1)
+             if s.in_channels % g == 0 and g % s.groups == 0 and (not out_divisible or s.out_channels % g == 0)]
+    if groups < 1:
+        return Reason("invalid-option", f"groups={groups} must be >= 1.")
+    if groups == s.groups and out_divisible:
+        larger = [g for g in valid if g > s.groups]
+        return Reason("already-grouped", f"{site.name}: already has groups={groups}; valid larger group counts: "
+                      f"{larger or 'none'}.")
+    if groups % s.groups:
+        return Reason("groups-incompatible", f"{site.name}: groups={groups} is not a multiple of the existing "
+                      f"groups={s.groups}; valid: {valid}.")
+    if s.in_channels % groups or (out_divisible and s.out_channels % groups):
+        channels = f"in_channels={s.in_channels}" + (f", out_channels={s.out_channels}" if out_divisible else "")
+        return Reason("channels-not-divisible", f"{site.name}: {channels} not divisible by groups={groups}; "
+                      f"valid group counts: {valid}.")
+    return None

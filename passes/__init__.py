@@ -1,0 +1,24 @@
+"""The built-in passes, one per file, and the registry that pipeline strings are parsed against.
+
+>>> sorted(REGISTRY)
+['channel-shuffle', 'depthwise-separable', 'grouped', 'grouped-separable']
+"""
+
+from __future__ import annotations
+
+from .base import Pass, PassManager, PassResult
+from .base import parse_pipeline as _parse
+from .channel_shuffle import ChannelShuffle, channel_shuffle
+from .grouped import Grouped
+from .separable import DepthwiseSeparable, GroupedSeparable
+
+REGISTRY: dict[str, type[Pass]] = {p.name: p for p in (DepthwiseSeparable, GroupedSeparable, Grouped, ChannelShuffle)}
+
+
+def parse_pipeline(text: str) -> list[Pass]:
+    """Parse ``"grouped{groups=4},channel-shuffle"`` against the built-in passes."""
+    return _parse(text, REGISTRY)
+
+
+__all__ = ["REGISTRY", "ChannelShuffle", "DepthwiseSeparable", "Grouped", "GroupedSeparable", "Pass",
+           "PassManager", "PassResult", "channel_shuffle", "parse_pipeline"]

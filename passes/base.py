@@ -1,0 +1,369 @@
+"""Pass infrastructure: ``Pass``, ``PassResult``, the convolution-rewrite template, ``PassManager``, pipelines.
+
+A pass is a frozen dataclass whose fields are its typed options and whose ``name`` is its CLI name. Calling a pass
+on a GraphModule returns a ``PassResult(graph_module, modified, records)``, which torch's own
+``torch.fx.passes.infra.pass_manager.PassManager`` accepts (it reads ``graph_module`` and ``modified``). Pipelines
+parse from strings such as ``"grouped{groups=4},channel-shuffle"``.
+
+>>> from fxrewrite.passes import parse_pipeline
+>>> [type(p).__name__ for p in parse_pipeline("depthwise-separable{rank=2},grouped{groups=4}")]
+['DepthwiseSeparable', 'Grouped']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from fxrewrite.errors import ConfigError, FxRewriteError, PassFailure
+from fxrewrite.patterns import attr_of
+from fxrewrite.report import SiteRecord
+from fxrewrite.rewriter import PROVENANCE_KEY, finalize, replace_conv
+from fxrewrite.select import Rule, Selection, resolve
+from fxrewrite.sites import ConvSite, Reason, find_sites
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What a pass returns; duck-compatible with ``torch.fx.passes.infra.pass_base.PassResult``."""
+
+    graph_module: torch.fx.GraphModule
+    modified: bool
+    records: tuple[SiteRecord, ...] = ()
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base of all passes. Subclasses set ``name`` and ``description`` and declare options as fields."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        return self.run(gm)
+
+    def run(self, gm: torch.fx.GraphModule, rules: Sequence[Rule] = ()) -> PassResult:
+        raise NotImplementedError
+
+    def plan(self, gm: torch.fx.GraphModule, rules: Sequence[Rule] = ()) -> list[SiteRecord]:
+        """The per-site decisions ``run`` would take, without changing anything."""
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def spec(self) -> str:
+        """The pipeline-string form of this pass: ``name{k=v, ...}``."""
+        opts = ", ".join(f"{k}={v}" for k, v in self.options().items())
+        return f"{self.name}{{{opts}}}" if opts else self.name
+
+    @staticmethod
+    def _require(condition: bool, message: str) -> None:
+        if not condition:
+            raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class Built:
+    """A replacement for one convolution and what it costs / loses (weight-space error from the factorisation)."""
+
+    module: nn.Module
+    rel_error: float | None  # None when the new weights are a fresh initialisation (init=random)
+    exact: bool
+    details: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def convs_of(module: nn.Module) -> list[nn.Conv2d]:
+    return [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+
+
+def replacement_cost(module: nn.Module, site: ConvSite) -> tuple[int, int | None]:
+    """(params, MACs) of a replacement; every conv in it has the site's output spatial size."""
+    params = sum(p.numel() for p in module.parameters())
+    if site.output_shape is None:
+        return params, None
+    pixels = 1
+    for d in (*site.output_shape[:-3], *site.output_shape[-2:]):
+        pixels *= d
+    macs = sum(pixels * c.out_channels * (c.in_channels // c.groups) * c.kernel_size[0] * c.kernel_size[1]
+               for c in convs_of(module))
+    return params, macs
+
+
+def make_conv(like: nn.Conv2d, in_channels: int, out_channels: int, *, groups: int, spatial: bool,
+              bias: bool, weight: torch.Tensor | None) -> nn.Conv2d:
+    """A plain Conv2d on ``like``'s device and dtype; ``spatial`` keeps its kernel/stride/padding/dilation/mode.
+
+    A pointwise (non-spatial) conv is 1x1, stride 1, no padding. With ``weight=None`` the conv keeps torch's
+    default initialisation (for training from scratch). The weight's requires_grad and channels_last layout follow
+    ``like``.
+    """
+    w = like.weight
+    kwargs: dict[str, Any] = {"device": w.device, "dtype": w.dtype, "bias": bias, "groups": groups}
+    if spatial:
+        kwargs |= {"kernel_size": like.kernel_size, "stride": like.stride, "padding": like.padding,
+                   "dilation": like.dilation, "padding_mode": like.padding_mode}
+    else:
+        kwargs |= {"kernel_size": 1}
+    conv = nn.Conv2d(in_channels, out_channels, **kwargs)
+    with torch.no_grad():
+        if weight is not None:
+            conv.weight.copy_(weight)
+        if bias and like.bias is not None:
+            conv.bias.copy_(like.bias)
+    channels_last = w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    if channels_last:
+        conv.weight = nn.Parameter(conv.weight.detach().contiguous(memory_format=torch.channels_last))
+    conv.weight.requires_grad_(w.requires_grad)
+    if conv.bias is not None and like.bias is not None:
+        conv.bias.requires_grad_(like.bias.requires_grad)
+    conv.train(like.training)
+    return conv
+
+
+def conv_module(gm: torch.fx.GraphModule, site: ConvSite) -> nn.Conv2d:
+    """The site's Conv2d; for a functional ``F.conv2d`` site, an equivalent module holding its constant weights."""
+    if site.kind == "module":
+        module = gm.get_submodule(site.name)
+        assert isinstance(module, nn.Conv2d)
+        return module
+    node = next(n for n in gm.graph.nodes if n.name == site.node)
+    names = ("input", "weight", "bias")
+    bound = dict(zip(names, node.args, strict=False)) | {k: v for k, v in node.kwargs.items() if k in names}
+    weight = attr_of(bound["weight"], gm)
+    s = site.spec
+    conv = nn.Conv2d(s.in_channels, s.out_channels, s.kernel_size, s.stride, s.padding, s.dilation, s.groups,
+                     s.bias, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        if s.bias:
+            conv.bias.copy_(attr_of(bound["bias"], gm))
+    conv.weight.requires_grad_(weight.requires_grad)
+    conv.train(gm.training)
+    return conv
+
+
+def sequential(*convs: nn.Conv2d, like: nn.Module) -> nn.Sequential:
+    seq = nn.Sequential(*convs)
+    seq.train(like.training)
+    return seq
+
+
+@dataclass(frozen=True)
+class ConvRewritePass(Pass):
+    """Template for passes that replace a Conv2d site by cheaper convolutions.
+
+    Subclasses set ``kind`` (a rewrite kind from ``fxrewrite.sites.REWRITE_KINDS``) and implement ``check`` (the
+    option-specific eligibility) and ``build`` (the replacement, from the trained weight).
+    """
+
+    kind: ClassVar[str] = ""
+
+    def check(self, site: ConvSite) -> Reason | None:
+        return None
+
+    def build(self, site: ConvSite, conv: nn.Conv2d) -> Built:
+        raise NotImplementedError
+
+    def _decide(self, site: ConvSite, selection: Selection) -> tuple[Pass, Reason | None]:
+        if not selection.selected:
+            return self, Reason("not-selected", "no selection rule includes this site" if selection.rule is None
+                                else f"excluded by rule {selection.rule.describe()!r}")
+        effective: Pass = self
+        if selection.options:
+            unknown = sorted(set(selection.options) - set(self.options()))
+            if unknown:
+                raise ConfigError(f"rule {selection.rule.describe() if selection.rule else ''!r} sets options "
+                                  f"{unknown} that pass {self.name!r} does not have; valid: {sorted(self.options())}")
+            effective = dataclasses.replace(self, **selection.options)
+        reason = site.blocker or site.reason_for(self.kind)
+        if reason is None or reason.code == "channels-not-divisible":
+            # the kind-level check used default options; the pass re-checks with its actual ones
+            reason = effective.check(site)  # type: ignore[attr-defined]
+        return effective, reason
+
+    def _sites(self, gm: torch.fx.GraphModule, rules: Sequence[Rule]) -> list[tuple[ConvSite, Pass, Reason | None,
+                                                                                   Selection]]:
+        sites = find_sites(gm)
+        selections = resolve(rules, sites) if rules else {s.name: Selection(s.name, True, None) for s in sites}
+        out = []
+        for site in sites:
+            selection = selections[site.name]
+            effective, reason = self._decide(site, selection)
+            out.append((site, effective, reason, selection))
+        return out
+
+    def _record(self, site: ConvSite, effective: Pass, reason: Reason | None, selection: Selection,
+                status: str, built: Built | None = None) -> SiteRecord:
+        rule = selection.rule.describe() if selection.rule is not None else None
+        common = {"site": site.name, "pass_name": self.name, "options": effective.options(), "rule": rule,
+                  "params_before": site.params, "macs_before": site.macs if site.output_shape else None}
+        if reason is not None:
+            return SiteRecord(status="skipped", code=reason.code, reason=reason.text, params_after=site.params,
+                              macs_after=common["macs_before"], **common)
+        if built is None:
+            return SiteRecord(status=status, **common)
+        params_after, macs_after = replacement_cost(built.module, site)
+        return SiteRecord(status=status, params_after=params_after, macs_after=macs_after,
+                          rel_error=built.rel_error, exact=built.exact, details=built.details, **common)
+
+    def plan(self, gm: torch.fx.GraphModule, rules: Sequence[Rule] = ()) -> list[SiteRecord]:
+        records = []
+        for site, effective, reason, selection in self._sites(gm, rules):
+            built = None
+            if reason is None:
+                built = self._build(effective, site, conv_module(gm, site))
+            records.append(self._record(site, effective, reason, selection, "planned", built))
+        return records
+
+    def _build(self, effective: Pass, site: ConvSite, conv: nn.Module) -> Built:
+        assert isinstance(effective, ConvRewritePass) and isinstance(conv, nn.Conv2d)
+        try:
+            return effective.build(site, conv)
+        except FxRewriteError:
+            raise
+        except Exception as exc:
+            raise PassFailure(f"pass {self.name!r} failed at site {site.name!r}: {exc}") from exc
+
+    def run(self, gm: torch.fx.GraphModule, rules: Sequence[Rule] = ()) -> PassResult:
+        records = []
+        nodes = {n.name: n for n in gm.graph.nodes}
+        modified = False
+        for site, effective, reason, selection in self._sites(gm, rules):
+            if reason is not None:
+                records.append(self._record(site, effective, reason, selection, "skipped"))
+                continue
+            built = self._build(effective, site, conv_module(gm, site))
+            provenance = {"pass": self.name, "site": site.name, "options": effective.options()}
+            replace_conv(gm, nodes[site.node], built.module, provenance)
+            records.append(self._record(site, effective, None, selection, "rewritten", built))
+            modified = True
+        if modified:
+            finalize(gm)
+        return PassResult(gm, modified, tuple(records))
+
+
+def provenance(node: torch.fx.Node) -> Mapping[str, Any] | None:
+    """Which pass and site produced ``node`` (None for original nodes)."""
+    return node.meta.get(PROVENANCE_KEY)
+
+
+class PassManager:
+    """Runs a pipeline of passes; lints and recompiles after each; wraps errors with the pass that raised.
+
+    >>> import torch
+    >>> from fxrewrite.capture import trace
+    >>> from fxrewrite.passes import parse_pipeline
+    >>> gm = trace(torch.nn.Conv2d(4, 8, 3))
+    >>> result = PassManager(parse_pipeline("grouped{groups=2}"))(gm)
+    >>> result.modified, result.graph_module.conv.groups
+    (True, 2)
+    """
+
+    def __init__(self, passes: Iterable[Pass], rules: Sequence[Rule] = ()) -> None:
+        self.passes = list(passes)
+        self.rules = list(rules)
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        records: list[SiteRecord] = []
+        modified = False
+        for p in self.passes:
+            try:
+                result = p.run(gm, self.rules)
+            except ConfigError:
+                raise
+            except PassFailure:
+                raise
+            except Exception as exc:
+                raise PassFailure(f"pass {p.name!r} failed: {exc}") from exc
+            gm = result.graph_module
+            gm.graph.lint()
+            gm.recompile()
+            records.extend(result.records)
+            modified |= result.modified
+        return PassResult(gm, modified, tuple(records))
+
+    def plan(self, gm: torch.fx.GraphModule) -> list[SiteRecord]:
+        """Plan every pass against the unchanged graph (a dry run changes nothing, so later passes see the input)."""
+        records: list[SiteRecord] = []
+        for p in self.passes:
+            records.extend(p.plan(gm, self.rules))
+        return records
+
+
+_SPEC = re.compile(r"\s*([A-Za-z0-9_\-]+)\s*(?:\{([^{}]*)\})?\s*$")
+
+
+def _split_top(text: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if depth < 0:
+            raise ConfigError(f"unbalanced '}}' at position {i} in pipeline {text!r}")
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise ConfigError(f"unbalanced '{{' in pipeline {text!r}")
+    parts.append(text[start:])
+    return [p for p in (s.strip() for s in parts) if p]
+
+
+def parse_value(text: str) -> Any:
+    """Pipeline option literal: int, float, true/false, or a bare string."""
+    t = text.strip()
+    if t.lower() in ("true", "false"):
+        return t.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(t)
+        except ValueError:
+            pass
+    return t.strip("'\"")
+
+
+def parse_pipeline(text: str, registry: Mapping[str, type[Pass]]) -> list[Pass]:
+    """Parse ``"name{k=v, ...},name2"`` into pass objects; every problem is reported together."""
+    passes: list[Pass] = []
+    errors: list[str] = []
+    for chunk in _split_top(text):
+        m = _SPEC.match(chunk)
+        if not m:
+            errors.append(f"cannot parse {chunk!r}: expected name or name{{key=value, ...}}")
+            continue
+        name, body = m.group(1), m.group(2) or ""
+        cls = registry.get(name)
+        if cls is None:
+            errors.append(f"unknown pass {name!r}; valid passes: {', '.join(sorted(registry))}")
+            continue
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for item in (s for s in body.split(",") if s.strip()):
+            key, eq, value = item.partition("=")
+            key = key.strip()
+            if not eq:
+                errors.append(f"{name}: option {item.strip()!r} needs a value (key=value)")
+            elif key not in fields:
+                valid = ", ".join(f"{k}={_default(f)}" for k, f in fields.items()) or "none"
+                errors.append(f"{name}: unknown option {key!r}; valid options: {valid}")
+            else:
+                kwargs[key] = parse_value(value)
+        try:
+            passes.append(cls(**kwargs))
+        except ConfigError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise ConfigError("invalid pipeline: " + "; ".join(errors))
+    if not passes:
+        raise ConfigError(f"empty pipeline {text!r}; valid passes: {', '.join(sorted(registry))}")
+    return passes
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else "(required)"
