@@ -12,7 +12,7 @@ New nodes carry ``node.meta["val"]`` (shape metadata, no compute) and ``node.met
 >>> gm = trace(nn.Sequential(nn.Conv2d(4, 4, 3)))
 >>> node = next(n for n in gm.graph.nodes if n.op == "call_module")
 >>> _ = replace_conv(gm, node, nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 4, 1)), {"pass": "demo"})
->>> gm.recompile(); sorted(gm.state_dict())
+>>> _ = gm.recompile(); sorted(gm.state_dict())
 ['0.0.bias', '0.0.weight', '0.1.bias', '0.1.weight']
 """
 
