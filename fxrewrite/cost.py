@@ -403,6 +403,10 @@ def node_macs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str, int]:
     elif node.op == "call_function":
         t = node.target
         packet = t.overloadpacket if isinstance(t, torch._ops.OpOverload) else t
+        try:
+            hash(packet)
+        except TypeError:  # an unhashable callable cannot be one of the known ops
+            return "other", 0
         if packet in _CONV_FNS or packet in _CONV_PACKETS:
             return "conv", _conv_fn_macs(gm, node, transposed=False)
         if packet in _CONV_T_FNS or packet in _CONV_T_PACKETS:
