@@ -21,10 +21,19 @@ $(STAMP_TEST): pyproject.toml | $(PY)
 	touch $@ $(STAMP_RUN)
 
 run: $(STAMP_RUN)
-	$(PY) -m fxrewrite rewrite torchvision:resnet18 --pass "depthwise-separable{rank=exact}" --input-shape 1,3,224,224
+	$(PY) -m fxrewrite rewrite torchvision:resnet18 --pass "depthwise-separable{rank=1}" --input-shape 1,3,224,224
 
 test: $(STAMP_TEST)
 	$(PY) -m pytest -q
+
+# Benchmarks write benchmarks/results/*.json and *.md; each also runs alone (python -m benchmarks.<name>).
+bench: $(STAMP_TEST)
+	$(PY) -m benchmarks.bench_pass_speed
+	$(PY) -m benchmarks.bench_realised_speed
+
+bench-quick: $(STAMP_TEST)
+	$(PY) -m benchmarks.bench_pass_speed --quick
+	$(PY) -m benchmarks.bench_realised_speed --quick
 
 lint: $(STAMP_TEST)
 	$(VENV)/bin/ruff check fxrewrite passes tests examples benchmarks
