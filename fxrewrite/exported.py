@@ -1,0 +1,197 @@
+"""ExportedProgram input: rewrite the ATen-level convolutions of a ``torch.export`` program, return a new program.
+
+An export pipeline that already runs ``torch.export`` hands fxrewrite an ``ExportedProgram``; ``rewrite_exported``
+rewrites it and returns an ``ExportedProgram`` that runs, re-exports and saves (``torch.export.save``).
+
+Approach (deliberately simple):
+
+1. ``ep.module()`` unlifts the program into a GraphModule whose parameters are attributes at their original
+   qualified names (``layer1.0.conv1.weight``) and whose convolutions are ``aten.conv2d`` / ``aten.convolution``
+   calls.
+2. ``to_conv_modules`` turns each 2-D, non-transposed ATen convolution whose weight (and bias) is a *parameter* of
+   the program into a ``call_module`` of a plain ``nn.Conv2d`` at the weight's owner name (``layer1.0.conv1``),
+   holding the very same Parameter objects. Site names and state_dict keys therefore equal the eager model's, so a
+   plan recorded here replays on the eager model (``fxrewrite.replay.apply_plan``) and vice versa.
+3. The ordinary fxrewrite pipeline (``fxrewrite.api.rewrite``) rewrites that GraphModule.
+4. ``torch.export.export(rewritten, example_inputs)`` re-exports it.
+
+Limits: a convolution is left untouched (listed in the report's context under ``exported_program``) when its weight
+is a buffer, a constant or computed in the graph, when one weight feeds several convolutions, or when the weight's
+owner holds anything besides ``weight``/``bias``. The result is re-exported with static shapes unless
+``dynamic_shapes`` is given. Conv1d/Conv3d and transposed convolutions are never sites.
+
+>>> import torch
+>>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3)).eval()
+>>> x = torch.randn(1, 3, 16, 16)
+>>> result = rewrite_exported(torch.export.export(model, (x,)), (x,), "depthwise-separable{rank=exact}")
+>>> isinstance(result.module, torch.export.ExportedProgram)
+True
+>>> torch.testing.assert_close(result.module.module()(x), model(x), atol=1e-5, rtol=1e-4)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxrewrite.errors import ConfigError
+
+aten = torch.ops.aten
+CONV_OPS = (aten.conv2d.default, aten.conv2d.padding, aten.convolution.default)
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """What ``to_conv_modules`` did: the ATen nodes it turned into modules (node name -> module name), and the
+    ATen convolutions it left alone with the reason."""
+
+    converted: Mapping[str, str]
+    not_converted: Mapping[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"converted": dict(self.converted), "not_converted": dict(self.not_converted)}
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    items = [int(v) for v in value]
+    return (items[0], items[0]) if len(items) == 1 else (items[0], items[1])
+
+
+def _conv_args(node: torch.fx.Node) -> dict[str, Any] | str:
+    """The bound arguments of an ATen convolution node, or why it is not a 2-D forward convolution."""
+    if node.target is aten.convolution.default:
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding",
+                 "groups")
+        bound = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+        if bound.get("transposed"):
+            return "transposed convolution"
+        if any(int(p) for p in bound.get("output_padding", ())):
+            return "output_padding is set"
+    else:
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+        bound = defaults | dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    return bound
+
+
+def _attr_target(arg: Any) -> str | None:
+    return str(arg.target) if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" else None
+
+
+def _why_not(gm: torch.fx.GraphModule, bound: dict[str, Any], parameters: set[str], weight_uses: Counter[str]
+             ) -> str | None:
+    weight_name = _attr_target(bound["weight"])
+    if weight_name is None or weight_name not in parameters:
+        return "the weight is not a parameter of the program (buffer, constant or computed)"
+    if getattr(bound["weight"].meta.get("val"), "ndim", 4) != 4:
+        return "not a 2-D convolution"
+    if weight_uses[weight_name] > 1 or len(bound["weight"].users) > 1:
+        return f"weight {weight_name!r} is used by more than one node (tied weights)"
+    owner_name, _, leaf = weight_name.rpartition(".")
+    if not owner_name or leaf != "weight":
+        return f"weight {weight_name!r} is not the 'weight' attribute of a submodule"
+    bias = bound.get("bias")
+    if bias is not None:
+        bias_name = _attr_target(bias)
+        if bias_name != f"{owner_name}.bias" or bias_name not in parameters or len(bias.users) > 1:
+            return "the bias is not the parameter 'bias' of the weight's owner"
+    owner = gm.get_submodule(owner_name)
+    extra = set(owner._parameters) - {"weight", "bias"}
+    if extra or owner._buffers or owner._modules or (bias is None and owner._parameters.get("bias") is not None):
+        return f"submodule {owner_name!r} holds more than this convolution's weight and bias"
+    if not all(isinstance(bound[k], int | list | tuple | str) for k in ("stride", "padding", "dilation", "groups")):
+        return "stride/padding/dilation/groups are computed in the graph"
+    return None
+
+
+def to_conv_modules(gm: torch.fx.GraphModule, parameters: set[str]) -> Conversion:
+    """In place: replace eligible ATen convolution nodes of ``gm`` by ``call_module`` of ``nn.Conv2d`` submodules
+    that share the original Parameters (see the module docstring for which are eligible)."""
+    conv_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in CONV_OPS]
+    weight_uses: Counter[str] = Counter()
+    for node in conv_nodes:
+        bound = _conv_args(node)
+        if isinstance(bound, dict) and (name := _attr_target(bound.get("weight"))):
+            weight_uses[name] += 1
+    converted: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    for node in conv_nodes:
+        bound = _conv_args(node)
+        reason = bound if isinstance(bound, str) else _why_not(gm, bound, parameters, weight_uses)
+        if reason is not None:
+            skipped[node.name] = reason
+            continue
+        assert isinstance(bound, dict)
+        owner_name = str(bound["weight"].target).rpartition(".")[0]
+        owner = gm.get_submodule(owner_name)
+        weight = owner._parameters["weight"]
+        assert weight is not None
+        groups = int(bound["groups"])
+        padding = bound["padding"] if isinstance(bound["padding"], str) else _pair(bound["padding"])
+        conv = nn.Conv2d(int(weight.shape[1]) * groups, int(weight.shape[0]), _pair(weight.shape[2:]),
+                         _pair(bound["stride"]), padding, _pair(bound["dilation"]), groups,
+                         bias=bound.get("bias") is not None, device="meta", dtype=weight.dtype)
+        conv.weight = weight  # the same Parameter objects: nothing is copied
+        conv.bias = owner._parameters.get("bias") if bound.get("bias") is not None else None
+        conv.train(gm.training)
+        parent_name, _, leaf = owner_name.rpartition(".")
+        setattr(gm.get_submodule(parent_name) if parent_name else gm, leaf, conv)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(owner_name, (bound["input"],))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        attrs = [a for a in (bound["weight"], bound.get("bias")) if isinstance(a, torch.fx.Node)]
+        gm.graph.erase_node(node)
+        for attr in attrs:
+            if not attr.users:
+                gm.graph.erase_node(attr)
+        converted[node.name] = owner_name
+    gm.graph.lint()
+    gm.recompile()
+    return Conversion(converted, skipped)
+
+
+def _example_inputs(ep: torch.export.ExportedProgram, example_inputs: Any) -> tuple[Any, ...]:
+    if example_inputs is not None:
+        if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, tuple | list):
+            raise ConfigError("example_inputs must be a tuple of positional inputs, as for torch.export: "
+                              "write (x,) instead of x.")
+        return tuple(example_inputs)
+    stored = getattr(ep, "example_inputs", None)
+    if not stored or stored[1]:
+        raise ConfigError("this ExportedProgram carries no positional example inputs; pass example_inputs=(x,) "
+                          "with the shapes it was exported with.")
+    return tuple(stored[0])
+
+
+def rewrite_exported(ep: torch.export.ExportedProgram, example_inputs: Any = None, passes: Any = None, *,
+                     select: Any = None, dynamic_shapes: Any = None, strict: bool = False, **options: Any) -> Any:
+    """Rewrite the convolutions of ``ep`` with ``passes``; returns ``RewriteResult(ExportedProgram, report)``.
+
+    ``example_inputs`` default to the ones stored in the program. ``dynamic_shapes`` and ``strict`` are passed to
+    the re-export; other keyword arguments (``verify``, ``rtol``, ``atol``, ``batches``, ``latency``) go to
+    ``fxrewrite.rewrite``. The input program is not modified.
+    """
+    from fxrewrite import api
+    if not isinstance(ep, torch.export.ExportedProgram):
+        raise ConfigError(f"expected a torch.export.ExportedProgram, got {type(ep).__name__}")
+    inputs = _example_inputs(ep, example_inputs)
+    gm = ep.module()
+    conversion = to_conv_modules(gm, set(ep.graph_signature.parameters))
+    result = api.rewrite(gm, inputs, passes, select=select, **options)
+    try:
+        new_ep = torch.export.export(result.module, inputs, dynamic_shapes=dynamic_shapes, strict=strict)
+    except Exception as exc:
+        raise ConfigError(f"re-exporting the rewritten program failed: {exc}; the rewritten GraphModule runs "
+                          "eagerly - check dynamic_shapes= against the program's input specs.") from exc
+    context = dict(result.report.context) | {"model": "ExportedProgram", "exported_program": conversion.to_dict()}
+    report = dataclasses.replace(result.report, context=context)
+    return dataclasses.replace(result, module=new_ep, report=report)
