@@ -101,14 +101,21 @@ def _list_passes(as_json: bool) -> str:
     from fxrewrite.passes import REGISTRY
     entries = []
     for name, cls in sorted(REGISTRY.items()):
-        options = {f.name: f.default for f in dataclasses.fields(cls)}
-        entries.append({"name": name, "description": cls.description, "options": options})
+        fields = dataclasses.fields(cls)
+        options = {f.name: (None if f.default is dataclasses.MISSING else f.default) for f in fields}
+        types = {f.name: f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+                 for f in fields}
+        required = [f.name for f in fields if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING]
+        entries.append({"name": name, "description": cls.description, "options": options, "types": types,
+                        "required": required})
     if as_json:
-        return json.dumps({"passes": entries}, indent=2)
+        return json.dumps({"passes": entries}, indent=2, default=str)
     lines = []
     for e in entries:
         opts = ", ".join(f"{k}={v}" for k, v in e["options"].items())
-        lines.append(f"{e['name']}{{{opts}}}\n    {e['description']}")
+        typed = "; ".join(f"{k}: {e['types'][k]}" for k in e["options"]) or "none"
+        lines.append(f"{e['name']}{{{opts}}}\n    {e['description']}\n    options: {typed}")
     return "\n".join(lines)
 
 

@@ -26,9 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from fxrewrite.patterns import CONV2D_FUNCTION, CONV2D_MODULE, Pattern
 from fxrewrite.shapes import shape_of
 
 CONV_FUNCTIONS = (F.conv2d, torch.conv2d)
+_MODULE_PATTERN = Pattern((CONV2D_MODULE,))
+_FUNCTION_PATTERN = Pattern((CONV2D_FUNCTION,))
 REWRITE_KINDS = ("depthwise-separable", "grouped-separable", "grouped")
 
 
@@ -134,8 +137,11 @@ def _module_blocker(conv: nn.Module, call_count: int, tied: bool) -> Reason | No
         return Reason("parametrized-weight", "the weight is parametrized (weight_norm / spectral_norm / "
                       "parametrize); remove the parametrization first (e.g. parametrize.remove_parametrizations).")
     if type(conv) is not nn.Conv2d:
-        return Reason("conv-subclass", f"{type(conv).__name__} subclasses nn.Conv2d with its own forward; it is "
-                      "not treated as a plain convolution.")
+        cls = type(conv)
+        own = cls.forward is not nn.Conv2d.forward or cls._conv_forward is not nn.Conv2d._conv_forward
+        how = "with its own forward" if own else "(not exactly nn.Conv2d)"
+        return Reason("conv-subclass", f"{cls.__name__} subclasses nn.Conv2d {how}; it is not treated as a plain "
+                      "convolution. Replace it by nn.Conv2d (or rewrite it with a pass that knows it) first.")
     if conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks:
         return Reason("module-hooks", "the module has hooks that a rewrite would drop; remove them first.")
     if call_count > 1:
@@ -165,9 +171,12 @@ def _kind_reasons(spec: ConvSpec) -> tuple[tuple[str, Reason | None], ...]:
         out["depthwise-separable"] = None
         out["grouped-separable"] = None
     valid = spec.valid_groups()
-    if not valid:
-        prefix = f"already grouped (groups={spec.groups}); " if spec.is_grouped else ""
-        out["grouped"] = Reason("channels-not-divisible", f"{prefix}no group count g > {spec.groups} divides "
+    if not valid and spec.is_grouped:
+        out["grouped"] = Reason("already-grouped", f"already grouped (groups={spec.groups}) and no larger group count "
+                                f"(a multiple of {spec.groups}) divides in_channels={spec.in_channels} and "
+                                f"out_channels={spec.out_channels}: {spec.groups} is the only valid group count.")
+    elif not valid:
+        out["grouped"] = Reason("channels-not-divisible", f"no group count g > {spec.groups} divides "
                                 f"in_channels={spec.in_channels} and out_channels={spec.out_channels}.")
     else:
         out["grouped"] = None
@@ -220,21 +229,28 @@ def _make_site(name: str, node: torch.fx.Node, kind: str, module_type: str, spec
 
 
 def find_sites(gm: torch.fx.GraphModule) -> list[ConvSite]:
-    """All 2-D convolution sites of ``gm`` in graph order (shapes are filled when ``propagate_shapes`` ran)."""
-    modules = dict(gm.named_modules())
-    conv_nodes = [n for n in gm.graph.nodes
-                  if n.op == "call_module" and isinstance(modules.get(str(n.target)), nn.Conv2d)]
+    """All 2-D convolution sites of ``gm`` in graph order (shapes are filled when ``propagate_shapes`` ran).
+
+    Conv nodes are found with the ``CONV2D_MODULE`` / ``CONV2D_FUNCTION`` patterns of ``fxrewrite.patterns``.
+    """
+    modules = dict(gm.named_modules(remove_duplicate=False))
+    conv_nodes = {m["conv"] for m in _MODULE_PATTERN.match(gm)}
     calls = Counter(str(n.target) for n in conv_nodes)
-    weight_owners = Counter(id(m.weight) for m in modules.values() if isinstance(m, nn.Conv2d))
+    # _parameters, not .weight: reading a parametrized weight would run the parametrization (spectral_norm's power
+    # iteration updates buffers in training mode), and finding sites must not change anything.
+    weight_owners = Counter(id(w) for _, m in gm.named_modules() if isinstance(m, nn.Conv2d)
+                            and (w := m._parameters.get("weight")) is not None)
+    functional = {m["conv"] for m in _FUNCTION_PATTERN.match(gm)}
     sites: list[ConvSite] = []
     for node in gm.graph.nodes:
-        if node.op == "call_module" and str(node.target) in calls:
+        if node in conv_nodes:
             conv = modules[str(node.target)]
-            tied = weight_owners[id(conv.weight)] > 1
+            own_weight = conv._parameters.get("weight")
+            tied = own_weight is not None and weight_owners[id(own_weight)] > 1
             blocker = _module_blocker(conv, calls[str(node.target)], tied)
             sites.append(_make_site(str(node.target), node, "module", type(conv).__name__, spec_of_module(conv),
                                     blocker))
-        elif node.op == "call_function" and node.target in CONV_FUNCTIONS:
+        elif node in functional:
             site = _function_site(gm, node)
             if site is not None:
                 sites.append(site)

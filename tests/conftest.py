@@ -1,0 +1,31 @@
+"""Shared fixtures. The tiny model zoo is ``tests/models.py`` (import it as ``models``: pytest puts tests/ on the
+path); the ``slow`` marker is registered in pyproject.toml."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from fxrewrite.capture import trace
+from fxrewrite.shapes import propagate_shapes
+
+
+@pytest.fixture
+def seeded() -> None:
+    """Seed torch's generator so random weights and inputs are the same on every run."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def traced(seeded: None) -> Callable[..., torch.fx.GraphModule]:
+    """``traced(model, *inputs, **capture)``: trace a copy of ``model`` and propagate shapes for ``inputs``."""
+
+    def run(model: nn.Module, *inputs: torch.Tensor, **capture: object) -> torch.fx.GraphModule:
+        gm = trace(model, **capture)  # type: ignore[arg-type]
+        propagate_shapes(gm, inputs)
+        return gm
+
+    return run
