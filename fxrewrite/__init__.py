@@ -22,13 +22,41 @@ from fxrewrite.errors import (
     TraceFailure,
     VerificationFailure,
 )
+from fxrewrite.latency import LatencyReport, measure_latency
 from fxrewrite.patterns import Match, MatchFailure, NodePattern, Pattern
 from fxrewrite.report import Report, SiteRecord
 from fxrewrite.select import Rule
 from fxrewrite.sites import ConvSite, ConvSpec, Reason, find_sites
 
+# the function `verify` shadows the submodule of that name: import its helpers with `from fxrewrite.verify import x`
+from fxrewrite.verify import Verification, verify
+
 __all__ = [
-    "ConfigError", "ConvSite", "ConvSpec", "FxRewriteError", "Match", "MatchFailure", "ModelLoadError",
-    "NodePattern", "PassFailure", "Pattern", "Plan", "Reason", "Report", "RewriteResult", "Rule", "SiteRecord",
-    "TraceFailure", "VerificationFailure", "__version__", "find_sites", "plan", "rewrite", "trace",
+    "ConfigError",
+    "ConvSite",
+    "ConvSpec",
+    "FxRewriteError",
+    "LatencyReport",
+    "Match",
+    "MatchFailure",
+    "ModelLoadError",
+    "NodePattern",
+    "PassFailure",
+    "Pattern",
+    "Plan",
+    "Reason",
+    "Report",
+    "RewriteResult",
+    "Rule",
+    "SiteRecord",
+    "TraceFailure",
+    "Verification",
+    "VerificationFailure",
+    "__version__",
+    "find_sites",
+    "measure_latency",
+    "plan",
+    "rewrite",
+    "trace",
+    "verify",
 ]

@@ -1,8 +1,10 @@
 """The one-call entry points: ``plan`` (dry run) and ``rewrite``.
 
 ``rewrite`` deep-copies and traces the model (the input is never mutated), propagates shapes once, runs the
-pipeline, and returns ``RewriteResult(module, report)``. ``plan`` does the same up to the decisions and changes
-nothing.
+pipeline, verifies the result against the untouched model (``fxrewrite.verify``), and returns
+``RewriteResult(module, report, verification)``; the report carries the per-site records, the analytic costs before
+and after, the verification and (on request) measured latency. ``plan`` does the same up to the decisions and
+changes nothing.
 
 >>> import torch
 >>> import fxrewrite
@@ -13,6 +15,7 @@ nothing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,13 +24,16 @@ import torch
 from torch import nn
 
 from fxrewrite.capture import LeafSpec, trace
-from fxrewrite.cost import model_cost
+from fxrewrite.cost import ModelCost, model_cost
 from fxrewrite.errors import ConfigError
-from fxrewrite.report import Report, SiteRecord
+from fxrewrite.latency import LatencyReport, measure_latency
+from fxrewrite.report import CostComparison, Report, SiteCost, SiteRecord
 from fxrewrite.select import parse_rules
 from fxrewrite.shapes import propagate_shapes
 from fxrewrite.site_table import sites_table
 from fxrewrite.sites import ConvSite, find_sites
+from fxrewrite.verify import Verification, site_groups
+from fxrewrite.verify import verify as verify_rewrite
 
 PassesArg = str | Iterable[Any] | None
 
@@ -90,10 +96,18 @@ class Plan:
 
 @dataclass(frozen=True)
 class RewriteResult:
-    """The rewritten module (a new GraphModule; the input is untouched) and the report of what changed."""
+    """The rewritten module (a new GraphModule; the input is untouched), the report of what changed, and the
+    verification (None with ``verify=False``) and latency (None unless requested) that the report also carries."""
 
     module: torch.fx.GraphModule
     report: Report
+    verification: Verification | None = None
+    latency: LatencyReport | None = None
+
+    @property
+    def ok(self) -> bool | None:
+        """The verification verdict (None when not verified)."""
+        return None if self.verification is None else self.verification.ok
 
 
 def plan(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, select: Any = None,
@@ -123,25 +137,74 @@ def plan(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, sel
 
 def rewrite(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, select: Any = None,
             concrete_args: Mapping[str, Any] | None = None, leaf_modules: Iterable[LeafSpec] = (),
-            autowrap_functions: Iterable[Callable[..., Any]] = ()) -> RewriteResult:
+            autowrap_functions: Iterable[Callable[..., Any]] = (), verify: bool | str = True,
+            rtol: float | None = None, atol: float | None = None, batches: Iterable[Any] | None = None,
+            latency: bool | Mapping[str, Any] = False) -> RewriteResult:
     """Rewrite a copy of ``model`` with ``passes`` (a pipeline string or Pass objects); the input is not mutated.
 
     ``select`` restricts which sites are touched (names, globs, ``re:`` regexes, module types or ``Rule``s with
     option overrides; see ``fxrewrite.select``). With no passes the traced module is returned with a report of its
     sites.
+
+    ``verify`` (default True) checks the result against ``model`` on the example inputs (or ``batches``):
+    ``"shapes"`` checks shapes and costs only. Without ``rtol``, exact rewrites are gated at float level and lossy
+    ones (any changed site not exact) get figures without an error gate; shape and non-finite gates always apply.
+    A failed gate does not raise: ``result.verification.ok`` is False and the report says which site failed
+    (``result.verification.raise_if_failed()`` raises). ``latency=True`` (or a dict of ``measure_latency``
+    keyword arguments) also measures both models.
+
+    >>> import torch, fxrewrite
+    >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3))
+    >>> r = fxrewrite.rewrite(m, (torch.randn(1, 3, 16, 16),), passes="depthwise-separable{rank=exact}")
+    >>> r.ok, r.verification.level.split(" (")[0], r.report.costs.sites[0].macs_before  # 8*14*14 outputs x 3*3*3
+    (True, 'float level', 42336)
     """
     from fxrewrite.passes import PassManager
+    if verify not in (True, False, "shapes"):
+        raise ConfigError(f"verify must be True, False or 'shapes', got {verify!r}")
     pipeline = _passes(passes)
     rules = parse_rules(select)
     gm, inputs = _capture(model, example_inputs, concrete_args, leaf_modules, autowrap_functions)
     before = model_cost(gm)
+    before_nodes = {(str(n.target) if n.op == "call_module" else n.name): n.name for n in gm.graph.nodes}
     result = PassManager(pipeline, rules)(gm)
     after = model_cost(result.graph_module)
     context = _context(model, inputs, pipeline) | {
         "model_macs_before": before.macs, "model_macs_after": after.macs,
         "model_params_before": before.params, "model_params_after": after.params}
-    report = Report(result.records, title="fxrewrite rewrite", context=context)
-    return RewriteResult(result.graph_module, report)
+    rewritten_sites = [r.site for r in result.records if r.status == "rewritten"]
+    verification = None
+    if verify:
+        lossy = any(r.changed and not r.exact for r in result.records)
+        verification = verify_rewrite(
+            model, result.graph_module, inputs, rtol=(math.inf if lossy else None) if rtol is None else rtol,
+            atol=atol, numerics=verify is True, batches=batches, sites=rewritten_sites, concrete_args=concrete_args,
+            leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+    costs = CostComparison.from_verification(verification) if verification is not None else None
+    if costs is None:
+        costs = _compare_costs(before, after, before_nodes, result.graph_module, rewritten_sites)
+    measured = None
+    if latency:
+        options = dict(latency) if isinstance(latency, Mapping) else {}
+        measured = measure_latency(model, result.graph_module, inputs, **options)
+    report = Report(result.records, title="fxrewrite rewrite", context=context, costs=costs,
+                    verification=verification, latency=measured)
+    return RewriteResult(result.graph_module, report, verification, measured)
+
+
+def _compare_costs(before: ModelCost, after: ModelCost, before_nodes: Mapping[str, str],
+                   gm: torch.fx.GraphModule, sites: Iterable[str]) -> CostComparison:
+    """Costs before/after from the two ModelCosts; per site, the original node vs the site's rewritten nodes."""
+    b_nodes = {c.node: c for c in before.nodes}
+    a_nodes = {c.node: c for c in after.nodes}
+    per_site = []
+    for site, nodes in site_groups(gm, sites).items():
+        orig = b_nodes.get(before_nodes.get(site, ""))
+        new = [a_nodes[n.name] for n in nodes if n.name in a_nodes]
+        per_site.append(SiteCost(site, orig.params if orig else None, sum(c.params for c in new),
+                                 orig.macs if orig else None, sum(c.macs for c in new)))
+    return CostComparison(before.params, after.params, before.macs, after.macs, before.activation_bytes,
+                          after.activation_bytes, tuple(per_site))
 
 
 def sites(model: nn.Module, example_inputs: Sequence[Any], **capture: Any) -> list[ConvSite]:
