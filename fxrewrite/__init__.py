@@ -13,6 +13,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from fxrewrite.api import Plan, RewriteResult, plan, rewrite
+from fxrewrite.artifacts import SavedArtifact, save
 from fxrewrite.capture import trace
 from fxrewrite.errors import (
     ConfigError,
@@ -24,6 +25,7 @@ from fxrewrite.errors import (
 )
 from fxrewrite.latency import LatencyReport, measure_latency
 from fxrewrite.patterns import Match, MatchFailure, NodePattern, Pattern
+from fxrewrite.replay import RewritePlan, apply_plan, load_rewritten, plan_from_result
 from fxrewrite.report import Report, SiteRecord
 from fxrewrite.select import Rule
 from fxrewrite.sites import ConvSite, ConvSpec, Reason, find_sites
@@ -46,17 +48,23 @@ __all__ = [
     "Plan",
     "Reason",
     "Report",
+    "RewritePlan",
     "RewriteResult",
     "Rule",
+    "SavedArtifact",
     "SiteRecord",
     "TraceFailure",
     "Verification",
     "VerificationFailure",
     "__version__",
+    "apply_plan",
     "find_sites",
+    "load_rewritten",
     "measure_latency",
     "plan",
+    "plan_from_result",
     "rewrite",
+    "save",
     "trace",
     "verify",
 ]

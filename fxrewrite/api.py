@@ -160,6 +160,10 @@ def rewrite(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, 
     (True, 'float level', 42336)
     """
     from fxrewrite.passes import PassManager
+    if isinstance(model, torch.export.ExportedProgram):
+        from fxrewrite.exported import rewrite_exported
+        return rewrite_exported(model, example_inputs, passes, select=select, verify=verify, rtol=rtol, atol=atol,
+                                batches=batches, latency=latency)
     if verify not in (True, False, "shapes"):
         raise ConfigError(f"verify must be True, False or 'shapes', got {verify!r}")
     pipeline = _passes(passes)

@@ -82,7 +82,8 @@ _FILE_MODE = _file_mode()
 
 
 def _temp_name(path: Path) -> tuple[int, str]:
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # the temporary keeps the final suffix: some loaders (torch.export.load) check it
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=path.suffix)
     with contextlib.suppress(OSError):
         os.chmod(name, _FILE_MODE)
     return fd, name

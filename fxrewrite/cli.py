@@ -82,16 +82,34 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--markdown", action="store_true", help="print the report as Markdown")
 
 
+def _rewrite_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rtol", type=float, default=None,
+                   help="gate: fail (exit 1) when a site's or output's relative L2 error exceeds this")
+    p.add_argument("--atol", type=float, default=None, help="absolute tolerance added to the gate")
+    p.add_argument("--shapes-only", action="store_true", help="verify shapes and costs only (no forward passes)")
+    p.add_argument("--no-verify", action="store_true", help="skip verification entirely")
+    p.add_argument("--latency", action="store_true", help="also measure latency of original vs rewritten")
+    p.add_argument("--output", action="append", default=[], metavar="FILE",
+                   help="write the rewritten model: .pt2 (torch.export), .onnx (checked with onnxruntime when "
+                        "installed), .safetensors (+ FILE.plan.json replayable with fxrewrite.apply_plan); "
+                        "repeatable; every write is atomic")
+    p.add_argument("--report", action="append", default=[], metavar="FILE.md|FILE.json",
+                   help="write the report as Markdown or JSON (atomic)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxrewrite", description="Rewrite PyTorch convolutions into grouped / "
                                      "depthwise-separable forms at the torch.fx level and report what changed.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("plan", "dry run: list sites and what the passes would do; changes nothing"),
-                       ("rewrite", "rewrite the model and print the report")):
+                       ("rewrite", "rewrite the model, verify it against the original and print the report"),
+                       ("verify", "rewrite the model and gate on the verification (exit 1 when it fails)")):
         p = sub.add_parser(name, help=text, description=text, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         _model_args(p)
+        if name != "plan":
+            _rewrite_args(p)
     p = sub.add_parser("passes", help="list every pass with its options and defaults")
     p.add_argument("--json", action="store_true")
     return parser
@@ -146,11 +164,25 @@ def _run_model_command(args: argparse.Namespace) -> tuple[str, int]:
             doc = {"sites": sites, "plan": result.report.to_dict()}
             return json.dumps(doc, indent=2, default=str), EXIT_OK
         return (result.report.to_markdown() if args.markdown and result.records else str(result)), EXIT_OK
-    result = fxrewrite.rewrite(model, inputs, passes, select=select, **capture)
+    from fxrewrite.artifacts import save
+    from fxrewrite.verify import cli_exit_code
+    verify: bool | str = False if args.no_verify else ("shapes" if args.shapes_only else True)
+    result = fxrewrite.rewrite(model, inputs, passes, select=select, **capture, verify=verify, rtol=args.rtol,
+                               atol=args.atol, latency=args.latency)
+    gated = args.command == "verify" or args.rtol is not None
+    code = cli_exit_code(result.verification) if gated and result.verification is not None else EXIT_OK
+    if code == EXIT_OK:  # a model that failed its gate is not written out
+        for path in args.output:
+            saved = save(result, path, inputs)
+            checked = f" (max |saved - eager| = {saved.max_abs_diff:.2e})" if saved.max_abs_diff is not None else ""
+            print(f"fxrewrite: wrote {', '.join(map(str, saved.paths))}{checked}", file=sys.stderr)
+    for path in args.report:
+        save(result, path)
+        print(f"fxrewrite: wrote {path}", file=sys.stderr)
     report = result.report
     if args.json:
-        return report.to_json(), EXIT_OK
-    return (report.to_markdown() if args.markdown else str(report)), EXIT_OK
+        return report.to_json(), code
+    return (report.to_markdown() if args.markdown else str(report)), code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -127,3 +127,24 @@ def test_python_dash_m_fxrewrite_passes() -> None:
     assert proc.returncode == 0, proc.stderr
     assert sorted(line.split("{")[0] for line in proc.stdout.splitlines() if line and not line[0].isspace()) == sorted(
         REGISTRY)
+
+
+def test_rewrite_writes_every_artifact_and_verify_gates(tmp_path, capsys):
+    """--output/--report write each format atomically; `verify` with a tight rtol exits 1 and writes nothing."""
+    from fxrewrite.cli import main
+
+    args = ["rewrite", "torchvision:resnet18", "--input-shape", "1,3,32,32", "--pass", "grouped{groups=4}",
+            "--select", "layer4.*"]
+    outputs = [tmp_path / "m.pt2", tmp_path / "m.safetensors"]
+    flags = [flag for p in outputs for flag in ("--output", str(p))]
+    code = main([*args, *flags, "--report", str(tmp_path / "r.md")])
+    assert code == 0
+    assert all(p.exists() for p in outputs)
+    assert (tmp_path / "m.plan.json").exists() and (tmp_path / "r.md").read_text().startswith("## ")
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    capsys.readouterr()
+    gated = tmp_path / "gated.pt2"
+    code = main(["verify", *args[1:], "--rtol", "1e-6", "--output", str(gated)])
+    assert code == 1
+    assert not gated.exists()
+    assert "layer4" in capsys.readouterr().out
