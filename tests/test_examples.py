@@ -1,0 +1,29 @@
+"""Every example in examples/ runs as is and prints what it shows."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON_EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
+
+
+@pytest.mark.parametrize("script", PYTHON_EXAMPLES, ids=lambda p: p.name)
+def test_python_example_runs(script: Path) -> None:
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip(), f"{script.name} printed nothing"
+
+
+def test_cli_example_script_runs() -> None:
+    env = dict(os.environ, FXREWRITE=f"{sys.executable} -m fxrewrite")
+    proc = subprocess.run(["bash", str(ROOT / "examples" / "cli_example.sh")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "exit code: 2" in proc.stdout
+    assert "layer4.1.conv2" in proc.stdout
