@@ -12,6 +12,7 @@ Run alone: ``.venv/bin/python -m benchmarks.bench_realised_speed [--quick] [--de
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -49,7 +50,7 @@ def latency(fn: Callable[[], Any], runs: int, warmup: int, device: str) -> float
 
 
 def _prepare(module: nn.Module, layout: str, device: str) -> nn.Module:
-    module = module.to(device).eval()
+    module = copy.deepcopy(module).to(device).eval()  # .to() mutates: keep the caller's model on the CPU
     return module.to(memory_format=torch.channels_last) if layout == "channels_last" else module
 
 
@@ -71,11 +72,15 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--quick", action="store_true", help="resnet18, batch 1, two variants")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--runs", type=int, default=None)
+    parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8)")
+    parser.add_argument("--models", default=None, help="comma-separated torchvision model names")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     device = args.device
     models = ["resnet18"] if args.quick else ["resnet18", "resnet50", "vgg16"]
     batches = [1] if args.quick else [1, 8]
+    models = args.models.split(",") if args.models else models
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else batches
     variants = dict(list(VARIANTS.items())[:2]) if args.quick else VARIANTS
     layouts = ["contiguous", "channels_last"]
     runs = args.runs or (30 if device == "cuda" else (5 if args.quick else 7))
@@ -112,6 +117,7 @@ def main(argv: list[str] | None = None) -> str:
              "realised = (1 - latency ratio) / (1 - MAC ratio): 1.0 means the latency fell as much as the MACs"]
     headers = ["model", "rewrite", "batch", "backend", "MAC ratio", "orig ms", "new ms", "latency ratio", "realised"]
     suffix = ("_quick" if args.quick else "") + ("" if device == "cpu" else f"_{device}")
+    suffix += f"_batch{'-'.join(map(str, batches))}" if args.batches else ""
     return write_results("realised_speed" + suffix, f"Realised speed ({device})", headers, rows, notes)
 
 

@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 from fxrewrite.api import Plan, RewriteResult, plan, rewrite
 from fxrewrite.artifacts import SavedArtifact, save
 from fxrewrite.capture import trace
+from fxrewrite.distill import DistillResult, distill
 from fxrewrite.errors import (
     ConfigError,
     FxRewriteError,
@@ -25,6 +26,7 @@ from fxrewrite.errors import (
 )
 from fxrewrite.latency import LatencyReport, measure_latency
 from fxrewrite.patterns import Match, MatchFailure, NodePattern, Pattern
+from fxrewrite.repair import RepairResult, SiteRepair, load_calibration, repair
 from fxrewrite.replay import RewritePlan, apply_plan, load_rewritten, plan_from_result
 from fxrewrite.report import Report, SiteRecord
 from fxrewrite.select import Rule
@@ -37,6 +39,7 @@ __all__ = [
     "ConfigError",
     "ConvSite",
     "ConvSpec",
+    "DistillResult",
     "FxRewriteError",
     "LatencyReport",
     "Match",
@@ -47,22 +50,27 @@ __all__ = [
     "Pattern",
     "Plan",
     "Reason",
+    "RepairResult",
     "Report",
     "RewritePlan",
     "RewriteResult",
     "Rule",
     "SavedArtifact",
     "SiteRecord",
+    "SiteRepair",
     "TraceFailure",
     "Verification",
     "VerificationFailure",
     "__version__",
     "apply_plan",
+    "distill",
     "find_sites",
+    "load_calibration",
     "load_rewritten",
     "measure_latency",
     "plan",
     "plan_from_result",
+    "repair",
     "rewrite",
     "save",
     "trace",

@@ -103,6 +103,7 @@ class RewriteResult:
     report: Report
     verification: Verification | None = None
     latency: LatencyReport | None = None
+    repair: Any = None  # fxrewrite.repair.RepairResult when calibration data was given
 
     @property
     def ok(self) -> bool | None:
@@ -139,7 +140,8 @@ def rewrite(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, 
             concrete_args: Mapping[str, Any] | None = None, leaf_modules: Iterable[LeafSpec] = (),
             autowrap_functions: Iterable[Callable[..., Any]] = (), verify: bool | str = True,
             rtol: float | None = None, atol: float | None = None, batches: Iterable[Any] | None = None,
-            latency: bool | Mapping[str, Any] = False) -> RewriteResult:
+            latency: bool | Mapping[str, Any] = False, calibration: Iterable[Any] | None = None,
+            calibration_options: Mapping[str, Any] | None = None) -> RewriteResult:
     """Rewrite a copy of ``model`` with ``passes`` (a pipeline string or Pass objects); the input is not mutated.
 
     ``select`` restricts which sites are touched (names, globs, ``re:`` regexes, module types or ``Rule``s with
@@ -153,6 +155,12 @@ def rewrite(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, 
     (``result.verification.raise_if_failed()`` raises). ``latency=True`` (or a dict of ``measure_latency``
     keyword arguments) also measures both models.
 
+    ``calibration`` (an iterable of input tuples that can be read more than once, e.g. a DataLoader or a list)
+    repairs the new weights on real activations before verification: each rewritten site's last conv is refit by
+    least squares to the original site output, in graph order, and batch-norm statistics are matched (see
+    ``fxrewrite.repair``; ``calibration_options`` are passed to it). The report then shows per-site errors before
+    and after repair.
+
     >>> import torch, fxrewrite
     >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3))
     >>> r = fxrewrite.rewrite(m, (torch.randn(1, 3, 16, 16),), passes="depthwise-separable{rank=exact}")
@@ -162,6 +170,9 @@ def rewrite(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, 
     from fxrewrite.passes import PassManager
     if isinstance(model, torch.export.ExportedProgram):
         from fxrewrite.exported import rewrite_exported
+        if calibration is not None:
+            raise ConfigError("calibration= is not supported for an ExportedProgram input yet: rewrite the eager "
+                              "module with calibration, then torch.export the result.")
         return rewrite_exported(model, example_inputs, passes, select=select, verify=verify, rtol=rtol, atol=atol,
                                 batches=batches, latency=latency)
     if verify not in (True, False, "shapes"):
@@ -172,6 +183,12 @@ def rewrite(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, 
     before = model_cost(gm)
     before_nodes = {(str(n.target) if n.op == "call_module" else n.name): n.name for n in gm.graph.nodes}
     result = PassManager(pipeline, rules)(gm)
+    repaired = None
+    if calibration is not None:
+        from fxrewrite.repair import repair
+        repaired = repair(model, result.graph_module, calibration, copy_module=False, concrete_args=concrete_args,
+                          leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+                          **dict(calibration_options or {}))
     after = model_cost(result.graph_module)
     context = _context(model, inputs, pipeline) | {
         "model_macs_before": before.macs, "model_macs_after": after.macs,
@@ -191,9 +208,10 @@ def rewrite(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, 
     if latency:
         options = dict(latency) if isinstance(latency, Mapping) else {}
         measured = measure_latency(model, result.graph_module, inputs, **options)
+    sections = (("repair (data-aware refit on the calibration data)", str(repaired)),) if repaired else ()
     report = Report(result.records, title="fxrewrite rewrite", context=context, costs=costs,
-                    verification=verification, latency=measured)
-    return RewriteResult(result.graph_module, report, verification, measured)
+                    verification=verification, latency=measured, extra_sections=sections)
+    return RewriteResult(result.graph_module, report, verification, measured, repaired)
 
 
 def _compare_costs(before: ModelCost, after: ModelCost, before_nodes: Mapping[str, str],

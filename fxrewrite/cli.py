@@ -95,6 +95,10 @@ def _rewrite_args(p: argparse.ArgumentParser) -> None:
                         "repeatable; every write is atomic")
     p.add_argument("--report", action="append", default=[], metavar="FILE.md|FILE.json",
                    help="write the report as Markdown or JSON (atomic)")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="tensor file of inputs (torch.save of a tensor or a list of tensors, loaded with "
+                        "weights_only=True): repair the new weights on these activations")
+    p.add_argument("--calibration-batch-size", type=int, default=32, metavar="N")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,8 +171,12 @@ def _run_model_command(args: argparse.Namespace) -> tuple[str, int]:
     from fxrewrite.artifacts import save
     from fxrewrite.verify import cli_exit_code
     verify: bool | str = False if args.no_verify else ("shapes" if args.shapes_only else True)
+    calibration = None
+    if args.calibration:
+        from fxrewrite.repair import load_calibration
+        calibration = load_calibration(args.calibration, batch_size=args.calibration_batch_size, dtype=dtype)
     result = fxrewrite.rewrite(model, inputs, passes, select=select, **capture, verify=verify, rtol=args.rtol,
-                               atol=args.atol, latency=args.latency)
+                               atol=args.atol, latency=args.latency, calibration=calibration)
     gated = args.command == "verify" or args.rtol is not None
     code = cli_exit_code(result.verification) if gated and result.verification is not None else EXIT_OK
     if code == EXIT_OK:  # a model that failed its gate is not written out

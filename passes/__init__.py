@@ -1,18 +1,22 @@
 """The built-in passes, one per file, and the registry that pipeline strings are parsed against.
 
 >>> sorted(REGISTRY)
-['channel-shuffle', 'depthwise-separable', 'grouped', 'grouped-separable']
+['channel-shuffle', 'depthwise-bottleneck', 'depthwise-separable', 'grouped', 'grouped-bottleneck', 'grouped-separable']
 """
 
 from __future__ import annotations
 
 from .base import Pass, PassManager, PassResult
 from .base import parse_pipeline as _parse
+from .bottleneck import DepthwiseBottleneck, GroupedBottleneck
 from .channel_shuffle import ChannelShuffle, channel_shuffle
 from .grouped import Grouped
 from .separable import DepthwiseSeparable, GroupedSeparable
 
-REGISTRY: dict[str, type[Pass]] = {p.name: p for p in (DepthwiseSeparable, GroupedSeparable, Grouped, ChannelShuffle)}
+REGISTRY: dict[str, type[Pass]] = {
+    p.name: p
+    for p in (DepthwiseSeparable, GroupedSeparable, Grouped, ChannelShuffle, DepthwiseBottleneck, GroupedBottleneck)
+}
 
 
 def parse_pipeline(text: str) -> list[Pass]:
@@ -20,5 +24,17 @@ def parse_pipeline(text: str) -> list[Pass]:
     return _parse(text, REGISTRY)
 
 
-__all__ = ["REGISTRY", "ChannelShuffle", "DepthwiseSeparable", "Grouped", "GroupedSeparable", "Pass",
-           "PassManager", "PassResult", "channel_shuffle", "parse_pipeline"]
+__all__ = [
+    "REGISTRY",
+    "ChannelShuffle",
+    "DepthwiseBottleneck",
+    "DepthwiseSeparable",
+    "Grouped",
+    "GroupedBottleneck",
+    "GroupedSeparable",
+    "Pass",
+    "PassManager",
+    "PassResult",
+    "channel_shuffle",
+    "parse_pipeline",
+]

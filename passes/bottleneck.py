@@ -1,0 +1,179 @@
+"""Bottleneck rewrites: Conv2d -> 1x1 (I -> R) -> kxk on R channels (depthwise or grouped) -> 1x1 (R -> O).
+
+``depthwise-bottleneck{rank=R}`` is the CP form (MobileNetV2's linear bottleneck): R rank-1 terms, a depthwise kxk
+conv on R channels. ``grouped-bottleneck{groups=g, rank=R}`` is the block-term form (ResNeXt's block): a grouped kxk
+conv with g groups of R/g channels; ``groups=1`` is Tucker-2 and ``groups=R`` the depthwise bottleneck. Weights are
+fitted to the trained weight by ``fxrewrite.bottleneck_fit`` (closed-form start, then alternating least squares to
+``tol`` / ``max_iter``); ``rank=exact`` (or any rank at least the exact rank) reproduces the conv. The kxk conv keeps
+the original's kernel, stride, padding, dilation and padding_mode; the 1x1 convs have none of them (the first has no
+bias, so zero padding commutes with it); the bias goes on the last conv. ``tol=auto`` is the fit's default
+(``bottleneck_fit.TUCKER_TOL`` for Tucker-2, ``ALS_TOL`` otherwise). ``init=random`` builds the same structure with
+torch's default initialisation. The weight-space relative error, the sweeps run and whether ALS converged are recorded
+per site.
+
+>>> import torch
+>>> from fxrewrite.capture import trace
+>>> gm = trace(torch.nn.Conv2d(8, 16, 3, padding=1))
+>>> result = GroupedBottleneck(groups=2, rank=8, max_iter=3)(gm)
+>>> [(c.in_channels, c.out_channels, c.kernel_size, c.groups) for c in result.graph_module.conv]
+[(8, 8, (1, 1), 1), (8, 8, (3, 3), 2), (8, 16, (1, 1), 1)]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fxrewrite import bottleneck_fit
+from fxrewrite.rewriter import PROVENANCE_KEY
+from fxrewrite.select import Rule, Selection
+from fxrewrite.sites import ConvSite, Reason
+
+from .base import Built, ConvRewritePass, Pass, make_conv, sequential
+
+INITS = ("svd", "random")
+PASS_NAMES = ("depthwise-bottleneck", "grouped-bottleneck")
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_pointwise(node: object, gm: torch.fx.GraphModule, *, bias_ok: bool) -> bool:
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_module"):
+        return False
+    module = gm.get_submodule(str(node.target))
+    return (type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.stride == (1, 1)
+            and module.padding == (0, 0) and module.groups == 1 and (bias_ok or module.bias is None))
+
+
+def bottleneck_core(gm: torch.fx.GraphModule, site: ConvSite) -> bool:
+    """Whether ``site`` is already the kxk core of a bottleneck: produced by a bottleneck pass (provenance), or fed
+    only by a bias-free 1x1 conv and feeding only a 1x1 conv (the structure these passes build)."""
+    node = next((n for n in gm.graph.nodes if n.name == site.node), None)
+    if node is None:
+        return False
+    provenance = node.meta.get(PROVENANCE_KEY) or {}
+    if provenance.get("pass") in PASS_NAMES:
+        return True
+    producer = node.args[0] if node.args else None
+    users = list(node.users)
+    return (isinstance(producer, torch.fx.Node) and len(producer.users) == 1
+            and _is_pointwise(producer, gm, bias_ok=False) and len(users) == 1
+            and _is_pointwise(users[0], gm, bias_ok=True))
+
+
+def _exact_rank(site: ConvSite, groups: int | None) -> int:
+    s = site.spec
+    shape = (s.out_channels, s.in_channels // s.groups, *s.kernel_size)
+    return bottleneck_fit.exact_rank(shape, groups, source_groups=s.groups)
+
+
+def _build(conv: nn.Conv2d, groups: int | None, rank: int | str, init: str, tol: float | str, max_iter: int
+           ) -> Built:
+    """``groups=None``: depthwise (groups = rank); ``tol="auto"``: the fit's default for the form."""
+    full = bottleneck_fit.exact_rank(tuple(conv.weight.shape), groups, source_groups=conv.groups)
+    r = full if rank == "exact" else int(rank)
+    g = r if groups is None else groups
+    details: dict[str, object] = {"rank": r, "groups": g, "exact_rank": full}
+    if init == "svd":
+        fit = bottleneck_fit.block_term(conv.weight.detach(), g, r, source_groups=conv.groups,
+                                        tol=None if tol == "auto" else float(tol), max_iter=max_iter)
+        weights: tuple[torch.Tensor | None, ...] = (fit.first, fit.core, fit.last)
+        rel_error, exact = fit.rel_error, fit.exact
+        details |= {"init_rel_error": fit.init_rel_error, "iterations": fit.iterations, "converged": fit.converged}
+    else:
+        weights, rel_error, exact = (None, None, None), None, False
+    first = make_conv(conv, conv.in_channels, r, groups=1, spatial=False, bias=False, weight=weights[0])
+    core = make_conv(conv, r, r, groups=g, spatial=True, bias=False, weight=weights[1])
+    last = make_conv(conv, r, conv.out_channels, groups=1, spatial=False, bias=conv.bias is not None,
+                     weight=weights[2])
+    return Built(sequential(first, core, last, like=conv), rel_error, exact, details)
+
+
+@dataclass(frozen=True)
+class _Bottleneck(ConvRewritePass):
+    """Shared validation and the already-a-bottleneck check (which needs the graph, so it hooks ``_sites``)."""
+
+    kind = "depthwise-separable"  # same blockers: 1x1 kernels, depthwise convs, one input channel per group
+
+    def _validate(self, rank: int | str, init: str, tol: float | str, max_iter: int) -> None:
+        self._require(rank == "exact" or _is_positive_int(rank),
+                      f"{self.name}: rank must be a positive integer or 'exact', got {rank!r}")
+        self._require(init in INITS, f"{self.name}: init must be one of {INITS}, got {init!r}")
+        self._require(tol == "auto" or (isinstance(tol, int | float) and not isinstance(tol, bool) and tol >= 0),
+                      f"{self.name}: tol must be a number >= 0 or 'auto', got {tol!r}")
+        self._require(isinstance(max_iter, int) and not isinstance(max_iter, bool) and max_iter >= 0,
+                      f"{self.name}: max_iter must be an integer >= 0, got {max_iter!r}")
+
+    def _rank_reason(self, site: ConvSite, groups: int | None, rank: int | str) -> Reason | None:
+        if rank == "exact":
+            return None
+        full = _exact_rank(site, groups)
+        if int(rank) > full:
+            return Reason("rank-too-large", f"{site.name}: rank={rank} exceeds the exact rank {full} of this "
+                          f"{self.name} (at that rank the fit is already exact); use rank=exact or a smaller rank.")
+        return None
+
+    def _sites(self, gm: torch.fx.GraphModule, rules: Sequence[Rule]
+               ) -> list[tuple[ConvSite, Pass, Reason | None, Selection]]:
+        out = []
+        for site, effective, reason, selection in super()._sites(gm, rules):
+            if reason is None and bottleneck_core(gm, site):
+                reason = Reason("already-bottleneck", f"{site.name}: already the kxk core of a 1x1 -> kxk -> 1x1 "
+                                "bottleneck; factorising it again would only add convolutions.")
+            out.append((site, effective, reason, selection))
+        return out
+
+
+@dataclass(frozen=True)
+class DepthwiseBottleneck(_Bottleneck):
+    """Conv2d -> 1x1 (I -> rank) -> depthwise kxk on rank channels -> 1x1 (rank -> O): a CP fit of the weight."""
+
+    name = "depthwise-bottleneck"
+    description = "Conv2d -> 1x1 (I->R) -> depthwise kxk (R) -> 1x1 (R->O), a CP fit (ALS) of the trained weight"
+    rank: int | str = 16
+    init: str = "svd"
+    tol: float | str = "auto"
+    max_iter: int = bottleneck_fit.DEFAULT_MAX_ITER
+
+    def __post_init__(self) -> None:
+        self._validate(self.rank, self.init, self.tol, self.max_iter)
+
+    def check(self, site: ConvSite) -> Reason | None:
+        return self._rank_reason(site, None, self.rank)
+
+    def build(self, site: ConvSite, conv: nn.Conv2d) -> Built:
+        return _build(conv, None, self.rank, self.init, self.tol, self.max_iter)
+
+
+@dataclass(frozen=True)
+class GroupedBottleneck(_Bottleneck):
+    """Conv2d -> 1x1 (I -> rank) -> grouped kxk (rank -> rank, groups) -> 1x1 (rank -> O): a block-term fit
+    (groups=1: Tucker-2; groups=rank: the depthwise bottleneck)."""
+
+    name = "grouped-bottleneck"
+    description = ("Conv2d -> 1x1 (I->R) -> grouped kxk (R->R, g groups) -> 1x1 (R->O), a block-term fit "
+                   "(g=1: Tucker-2) of the trained weight")
+    groups: int = 4
+    rank: int | str = 16
+    init: str = "svd"
+    tol: float | str = "auto"
+    max_iter: int = bottleneck_fit.DEFAULT_MAX_ITER
+
+    def __post_init__(self) -> None:
+        self._validate(self.rank, self.init, self.tol, self.max_iter)
+        self._require(_is_positive_int(self.groups), f"{self.name}: groups must be a positive integer, "
+                      f"got {self.groups!r}")
+        self._require(self.rank == "exact" or int(self.rank) % self.groups == 0,
+                      f"{self.name}: groups={self.groups} must divide rank={self.rank} (the kxk conv has rank "
+                      "channels in groups groups); pick a rank that is a multiple of groups")
+
+    def check(self, site: ConvSite) -> Reason | None:
+        return self._rank_reason(site, self.groups, self.rank)
+
+    def build(self, site: ConvSite, conv: nn.Conv2d) -> Built:
+        return _build(conv, self.groups, self.rank, self.init, self.tol, self.max_iter)
