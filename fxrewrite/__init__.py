@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 from fxrewrite.api import Plan, RewriteResult, plan, rewrite
 from fxrewrite.artifacts import SavedArtifact, save
+from fxrewrite.budget import BudgetInfeasible, Target
 from fxrewrite.capture import trace
 from fxrewrite.distill import DistillResult, distill
 from fxrewrite.errors import (
@@ -36,6 +37,7 @@ from fxrewrite.sites import ConvSite, ConvSpec, Reason, find_sites
 from fxrewrite.verify import Verification, verify
 
 __all__ = [
+    "BudgetInfeasible",
     "ConfigError",
     "ConvSite",
     "ConvSpec",
@@ -58,6 +60,7 @@ __all__ = [
     "SavedArtifact",
     "SiteRecord",
     "SiteRepair",
+    "Target",
     "TraceFailure",
     "Verification",
     "VerificationFailure",

@@ -104,6 +104,7 @@ class RewriteResult:
     verification: Verification | None = None
     latency: LatencyReport | None = None
     repair: Any = None  # fxrewrite.repair.RepairResult when calibration data was given
+    budget: Any = None  # fxrewrite.budget.BudgetPlan when a target was given
 
     @property
     def ok(self) -> bool | None:
@@ -141,7 +142,8 @@ def rewrite(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, 
             autowrap_functions: Iterable[Callable[..., Any]] = (), verify: bool | str = True,
             rtol: float | None = None, atol: float | None = None, batches: Iterable[Any] | None = None,
             latency: bool | Mapping[str, Any] = False, calibration: Iterable[Any] | None = None,
-            calibration_options: Mapping[str, Any] | None = None) -> RewriteResult:
+            calibration_options: Mapping[str, Any] | None = None, target: Any = None,
+            forms: Any = None) -> RewriteResult:
     """Rewrite a copy of ``model`` with ``passes`` (a pipeline string or Pass objects); the input is not mutated.
 
     ``select`` restricts which sites are touched (names, globs, ``re:`` regexes, module types or ``Rule``s with
@@ -154,6 +156,11 @@ def rewrite(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, 
     A failed gate does not raise: ``result.verification.ok`` is False and the report says which site failed
     (``result.verification.raise_if_failed()`` raises). ``latency=True`` (or a dict of ``measure_latency``
     keyword arguments) also measures both models.
+
+    ``target=fxrewrite.Target(macs=0.5)`` replaces ``passes``: one form and rank/groups per site is chosen
+    (data-free, from the weights' spectra; see ``fxrewrite.budget``) so the rewritten model's totals stay within
+    the target with the least predicted error; ``forms`` restricts the candidate forms. The chosen plan is in
+    ``result.report.context["budget"]``.
 
     ``calibration`` (an iterable of input tuples that can be read more than once, e.g. a DataLoader or a list)
     repairs the new weights on real activations before verification: each rewritten site's last conv is refit by
@@ -182,7 +189,15 @@ def rewrite(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, 
     gm, inputs = _capture(model, example_inputs, concrete_args, leaf_modules, autowrap_functions)
     before = model_cost(gm)
     before_nodes = {(str(n.target) if n.op == "call_module" else n.name): n.name for n in gm.graph.nodes}
-    result = PassManager(pipeline, rules)(gm)
+    budget_plan = None
+    if target is not None:
+        if pipeline:
+            raise ConfigError("give either passes= or target=, not both: a target chooses the passes per site")
+        from fxrewrite.budget import DEFAULT_FORMS, choose_plan
+        budget_plan = choose_plan(gm, target, forms=forms or DEFAULT_FORMS, select=select)
+        result = budget_plan.apply(gm)
+    else:
+        result = PassManager(pipeline, rules)(gm)
     repaired = None
     if calibration is not None:
         from fxrewrite.repair import repair
@@ -208,10 +223,12 @@ def rewrite(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, 
     if latency:
         options = dict(latency) if isinstance(latency, Mapping) else {}
         measured = measure_latency(model, result.graph_module, inputs, **options)
+    if budget_plan is not None:
+        context["budget"] = budget_plan.to_dict(result)
     sections = (("repair (data-aware refit on the calibration data)", str(repaired)),) if repaired else ()
     report = Report(result.records, title="fxrewrite rewrite", context=context, costs=costs,
                     verification=verification, latency=measured, extra_sections=sections)
-    return RewriteResult(result.graph_module, report, verification, measured, repaired)
+    return RewriteResult(result.graph_module, report, verification, measured, repaired, budget_plan)
 
 
 def _compare_costs(before: ModelCost, after: ModelCost, before_nodes: Mapping[str, str],

@@ -99,6 +99,13 @@ def _rewrite_args(p: argparse.ArgumentParser) -> None:
                    help="tensor file of inputs (torch.save of a tensor or a list of tensors, loaded with "
                         "weights_only=True): repair the new weights on these activations")
     p.add_argument("--calibration-batch-size", type=int, default=32, metavar="N")
+    p.add_argument("--target-macs", type=float, default=None, metavar="FRACTION",
+                   help="choose forms and ranks per site so total MACs <= FRACTION x the original (replaces --pass)")
+    p.add_argument("--target-params", type=float, default=None, metavar="FRACTION",
+                   help="likewise for the parameter count")
+    p.add_argument("--forms", default=None, help="candidate forms for a target, e.g. 'depthwise-separable,grouped'")
+    p.add_argument("--budget-plan", default=None, metavar="FILE.json",
+                   help="save the chosen budget plan (replayable with fxrewrite.apply_plan)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,8 +182,20 @@ def _run_model_command(args: argparse.Namespace) -> tuple[str, int]:
     if args.calibration:
         from fxrewrite.repair import load_calibration
         calibration = load_calibration(args.calibration, batch_size=args.calibration_batch_size, dtype=dtype)
+    target = forms = None
+    if args.target_macs is not None or args.target_params is not None:
+        from fxrewrite.budget import parse_forms
+        if passes:
+            raise UsageError("--target-macs/--target-params choose the passes: do not combine them with --pass")
+        target = fxrewrite.Target(macs=args.target_macs, params=args.target_params)
+        forms = parse_forms(args.forms) if args.forms else None
     result = fxrewrite.rewrite(model, inputs, passes, select=select, **capture, verify=verify, rtol=args.rtol,
-                               atol=args.atol, latency=args.latency, calibration=calibration)
+                               atol=args.atol, latency=args.latency, calibration=calibration, target=target,
+                               forms=forms)
+    if result.budget is not None:
+        print(result.budget.table(result), file=sys.stderr)
+        if args.budget_plan:
+            print(f"fxrewrite: wrote {result.budget.save(args.budget_plan, result)}", file=sys.stderr)
     gated = args.command == "verify" or args.rtol is not None
     code = cli_exit_code(result.verification) if gated and result.verification is not None else EXIT_OK
     if code == EXIT_OK:  # a model that failed its gate is not written out
