@@ -135,6 +135,41 @@ def _group_matrices(weight: Tensor, source_groups: int, groups: int) -> Tensor:
     return w.reshape(g, out_ch // big_g, c * k)
 
 
+def _low_rank(a: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
+    """Balanced best rank-``rank`` factors of a batch of matrices: ``a ~ left @ right`` and the relative error.
+
+    ``a`` is ``(..., m, n)``; ``left`` is ``(..., m, rank)`` and ``right`` ``(..., rank, n)``, with the j-th column
+    of ``left`` and row of ``right`` both scaled by ``sqrt(s_j)``. The singular subspace comes from the eigenvectors
+    of the small Gram matrix (``n x n`` for the usual tall ``O x K`` slices): a batched GEMM plus tiny ``eigh`` calls,
+    several times faster on CPU than a batched SVD of many tall-skinny matrices. The factors reconstruct
+    ``a @ V_r @ V_r^T`` (or ``U_r @ U_r^T @ a``) - Eckart-Young's optimum - so the relative error is that of the
+    discarded squared singular values (the Gram eigenvalues), and at full rank the product is ``a`` to rounding
+    whatever the accuracy of small singular values. Signs: the largest-magnitude entry of each ``v_j`` is positive.
+
+    >>> left, right, err = _low_rank(torch.tensor([[[3.0, 0.0], [0.0, 4.0]]], dtype=torch.float64), 1)
+    >>> (left @ right).tolist(), round(err, 12)
+    ([[[0.0, 0.0], [0.0, 4.0]]], 0.6)
+    """
+    m, n = a.shape[-2], a.shape[-1]
+    tall = m >= n
+    lam, vecs = torch.linalg.eigh(a.mT @ a if tall else a @ a.mT)
+    lam, vecs = lam.flip(-1).clamp_min(0), vecs.flip(-1)[..., :rank]  # descending: s_j^2 and v_j (or u_j)
+    total = float(lam.sum())
+    rel = 0.0 if total == 0.0 or rank >= min(m, n) else math.sqrt(float(lam[..., rank:].sum()) / total)
+    # sqrt(s_j), floored at sqrt(eps * s_max) so that (near-)null directions cannot overflow a factor; any positive
+    # scale is exact, since the j-th column of left times the j-th row of right is a v_j v_j^T (or u_j u_j^T a)
+    floor = lam[..., :1] * torch.finfo(torch.float64).eps ** 2
+    root = torch.maximum(lam[..., :rank], floor).sqrt().sqrt()
+    inv = torch.where(root > 0, 1.0 / root.where(root > 0, torch.ones_like(root)), torch.zeros_like(root))
+    # deterministic signs: the largest-magnitude entry of each v_j is positive
+    rows = vecs.mT if tall else vecs.mT @ a  # (..., r, n): v_j^T, or u_j^T a = s_j v_j^T
+    sign = torch.sign(torch.gather(rows, -1, rows.abs().argmax(dim=-1, keepdim=True))).squeeze(-1)
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)  # (..., r)
+    if tall:  # left = a v_j / sqrt(s_j) = sqrt(s_j) u_j, right = sqrt(s_j) v_j^T
+        return a @ (vecs * (inv * sign).unsqueeze(-2)), rows * (root * sign).unsqueeze(-1), rel
+    return vecs * (root * sign).unsqueeze(-2), rows * (inv * sign).unsqueeze(-1), rel
+
+
 def singular_values(weight: Tensor, *, source_groups: int = 1, groups: int) -> Tensor:
     """Singular values per input group, float64 of shape ``(g, min(O/G, (I/g)*K))``, descending.
 
@@ -166,9 +201,10 @@ def predicted_rel_error(sv: Tensor, rank: int) -> float:
 def grouped_separable(weight: Tensor, *, source_groups: int = 1, groups: int, rank: int) -> SeparableFactors:
     """Best rank-``rank`` factorisation of a conv as ``conv1x1(groups=G) o conv(groups=groups)``.
 
-    Each input group ``i`` gets a truncated SVD of ``A_i`` (see :func:`singular_values`); the spatial
-    conv holds ``sqrt(s_j) v_j`` and the pointwise conv ``sqrt(s_j) u_j``. Signs are fixed so that the
-    largest-magnitude entry of each ``v_j`` is positive.
+    Each input group ``i`` gets a truncated SVD of ``A_i`` (see :func:`singular_values`; computed as in
+    :func:`_low_rank`); the spatial conv holds ``sqrt(s_j) v_j`` and the pointwise conv ``sqrt(s_j) u_j``.
+    ``rel_error`` is the discarded singular-value energy. Signs are fixed so that the largest-magnitude entry of
+    each ``v_j`` is positive.
 
     >>> import torch.nn.functional as F
     >>> w, x = torch.randn(8, 4, 3, 3), torch.randn(1, 4, 6, 6)
@@ -188,23 +224,14 @@ def grouped_separable(weight: Tensor, *, source_groups: int = 1, groups: int, ra
             f"(I/g)*K={a.shape[2]}) for weight shape {tuple(weight.shape)}, groups={groups}, "
             f"source_groups={source_groups}"
         )
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
-    rel = predicted_rel_error(s, rank)
-    u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
-    # deterministic signs: largest-|.| entry of each v_j positive
-    idx = vh.abs().argmax(dim=-1, keepdim=True)
-    sign = torch.sign(torch.gather(vh, -1, idx))
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)  # (g, r, 1)
-    vh = vh * sign
-    u = u * sign.transpose(-1, -2)
-    root = s.clamp_min(0).sqrt()  # (g, r)
+    left, right, rel = _low_rank(a, rank)  # (g, O/G, r), (g, r, c*K)
 
     big_g = source_groups
     kh, kw = weight.shape[2], weight.shape[3]
     c = weight.shape[1] * big_g // g
-    spatial = (vh * root.unsqueeze(-1)).reshape(g * rank, c, kh, kw)
-    # u: (g, O/G, r) -> (G, g/G, O/G, r) -> (G, O/G, g/G, r) -> (O, (g/G)*r)
-    pw = (u * root.unsqueeze(-2)).reshape(big_g, g // big_g, ob, rank).permute(0, 2, 1, 3)
+    spatial = right.reshape(g * rank, c, kh, kw)
+    # left: (g, O/G, r) -> (G, g/G, O/G, r) -> (G, O/G, g/G, r) -> (O, (g/G)*r)
+    pw = left.reshape(big_g, g // big_g, ob, rank).permute(0, 2, 1, 3)
     pointwise = pw.reshape(big_g * ob, (g // big_g) * rank, 1, 1)
 
     return SeparableFactors(

@@ -3,8 +3,11 @@
 ``replace_conv`` puts a replacement (a plain ``nn.Conv2d`` or an ``nn.Sequential`` of them) at the site's qualified
 name, so state_dict keys stay predictable (``layer1.0.conv1.0.weight``, ``layer1.0.conv1.1.weight``) and saved
 models load without fxrewrite; the Sequential's children become separate ``call_module`` nodes, so ``gm.code`` shows
-each convolution and later passes see them. ``insert_op_before`` puts a function call on one input edge of a node.
-New nodes carry ``node.meta["val"]`` (shape metadata, no compute) and ``node.meta["fxrewrite"]`` (provenance).
+each convolution and later passes see them. ``insert_methods_before`` puts a chain of plain tensor methods (a channel
+shuffle: ``unflatten`` / ``transpose`` / ``flatten``) on one input edge of a node, ``insert_op_before`` a function
+call; ``set_conv_weight`` swaps a conv's weight keeping its dtype, device, layout and requires_grad. New nodes carry
+``node.meta["val"]`` (shape metadata, no compute) and ``node.meta["fxrewrite"]`` (provenance). ``finalize`` lints,
+drops dead submodules, recompiles and makes the module ``portable``: a pickled result loads without fxrewrite.
 
 >>> import torch
 >>> from torch import nn
@@ -19,7 +22,7 @@ New nodes carry ``node.meta["val"]`` (shape metadata, no compute) and ``node.met
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -89,7 +92,7 @@ def replace_conv(gm: torch.fx.GraphModule, node: torch.fx.Node, replacement: nn.
         if not attr_node.users:
             target = str(attr_node.target)
             gm.graph.erase_node(attr_node)
-            if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+            if not gm.graph.find_nodes(op="get_attr", target=target):
                 _delete_attr(gm, target)
     return new_nodes
 
@@ -102,10 +105,17 @@ def _delete_attr(gm: torch.fx.GraphModule, qualname: str) -> None:
 
 
 def set_conv_weight(gm: torch.fx.GraphModule, qualname: str, weight: torch.Tensor) -> None:
-    """Replace the weight values of the Conv2d at ``qualname`` in place of its Parameter (same requires_grad)."""
+    """Give the Conv2d at ``qualname`` a new weight Parameter with the old one's dtype, device, requires_grad and
+    memory format (channels_last stays channels_last)."""
     conv = gm.get_submodule(qualname)
     assert isinstance(conv, nn.Conv2d)
-    conv.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
+    old = conv.weight
+    new = weight.detach().to(dtype=old.dtype, device=old.device)
+    if old.dim() == 4 and old.is_contiguous(memory_format=torch.channels_last) and not old.is_contiguous():
+        new = new.contiguous(memory_format=torch.channels_last)
+    else:
+        new = new.contiguous()
+    conv.weight = nn.Parameter(new, requires_grad=old.requires_grad)
 
 
 def insert_op_before(gm: torch.fx.GraphModule, consumer: torch.fx.Node, producer: torch.fx.Node,
@@ -120,9 +130,59 @@ def insert_op_before(gm: torch.fx.GraphModule, consumer: torch.fx.Node, producer
     return new
 
 
+def _method_val(val: Any, method: str, args: tuple[Any, ...]) -> Any:
+    """Shape metadata of ``val.method(*args)`` (None when unknown); FakeTensors compute it without real data."""
+    if not isinstance(val, torch.Tensor):
+        return None
+    try:
+        return getattr(val, method)(*args)
+    except Exception:  # metadata is best effort, as in _conv_val
+        return None
+
+
+def insert_methods_before(gm: torch.fx.GraphModule, consumer: torch.fx.Node, producer: torch.fx.Node,
+                          steps: Sequence[tuple[str, tuple[Any, ...]]], provenance: Mapping[str, Any]
+                          ) -> torch.fx.Node:
+    """Insert the chain ``producer.m1(*a1).m2(*a2)...`` on the edge producer -> consumer only; returns its last node.
+
+    Plain tensor-method nodes (``unflatten``, ``transpose``, ``flatten``, ...) keep ``gm.code`` readable and the
+    saved module free of any fxrewrite import. Other users of ``producer`` are untouched.
+    """
+    current = producer
+    val = producer.meta.get("val")
+    with gm.graph.inserting_before(consumer):
+        for method, args in steps:
+            current = gm.graph.call_method(method, (current, *args))
+            current.meta[PROVENANCE_KEY] = dict(provenance)
+            val = _method_val(val, method, args)
+            if val is not None:
+                current.meta["val"] = val
+    consumer.replace_input_with(producer, current)
+    return current
+
+
+def reroute_input(consumer: torch.fx.Node, old: torch.fx.Node, new: torch.fx.Node) -> None:
+    """Make ``consumer`` read ``new`` where it read ``old`` (``new`` must come before ``consumer``)."""
+    consumer.replace_input_with(old, new)
+
+
+def portable(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Forget fxrewrite's tracer class so that a pickled ``gm`` (``torch.save(gm)``) loads without fxrewrite.
+
+    A GraphModule remembers the tracer that built it and pickles it by reference; on load torch only uses it to
+    re-trace the generated code with every submodule as a leaf, which torch's own ``Tracer`` does the same way.
+    """
+    tracer = getattr(gm, "_tracer_cls", None)
+    if tracer is not None and str(getattr(tracer, "__module__", "")).split(".")[0] == "fxrewrite":
+        gm._tracer_cls = None
+    if getattr(gm.graph, "_tracer_cls", None) is tracer and tracer is not None:
+        gm.graph._tracer_cls = None
+    return gm
+
+
 def finalize(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Lint, drop submodules no node calls any more, and recompile: the end of every modifying pass."""
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    return gm
+    return portable(gm)

@@ -12,9 +12,10 @@ parse from strings such as ``"grouped{groups=4},channel-shuffle"``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,9 +25,9 @@ from torch import nn
 from fxrewrite.errors import ConfigError, FxRewriteError, PassFailure
 from fxrewrite.patterns import attr_of
 from fxrewrite.report import SiteRecord
-from fxrewrite.rewriter import PROVENANCE_KEY, finalize, replace_conv
+from fxrewrite.rewriter import PROVENANCE_KEY, finalize, portable, replace_conv
 from fxrewrite.select import Rule, Selection, resolve
-from fxrewrite.sites import ConvSite, Reason, find_sites
+from fxrewrite.sites import CONV_FUNCTIONS, ConvSite, Reason, find_sites
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,9 @@ def make_conv(like: nn.Conv2d, in_channels: int, out_channels: int, *, groups: i
               bias: bool, weight: torch.Tensor | None) -> nn.Conv2d:
     """A plain Conv2d on ``like``'s device and dtype; ``spatial`` keeps its kernel/stride/padding/dilation/mode.
 
-    A pointwise (non-spatial) conv is 1x1, stride 1, no padding. With ``weight=None`` the conv keeps torch's
-    default initialisation (for training from scratch). The weight's requires_grad and channels_last layout follow
+    A pointwise (non-spatial) conv is 1x1, stride 1, no padding, padding_mode zeros. With ``weight`` given, a bias
+    (``bias=True``) copies ``like``'s; with ``weight=None`` weight and bias keep torch's default initialisation (a
+    fresh init, for training from scratch). requires_grad, the channels_last layout and the train/eval flag follow
     ``like``.
     """
     w = like.weight
@@ -111,12 +113,14 @@ def make_conv(like: nn.Conv2d, in_channels: int, out_channels: int, *, groups: i
                    "dilation": like.dilation, "padding_mode": like.padding_mode}
     else:
         kwargs |= {"kernel_size": 1}
-    conv = nn.Conv2d(in_channels, out_channels, **kwargs)
-    with torch.no_grad():
-        if weight is not None:
+    if weight is None:
+        conv = nn.Conv2d(in_channels, out_channels, **kwargs)
+    else:  # built on meta and materialised uninitialised: the default init would only be overwritten
+        conv = nn.Conv2d(in_channels, out_channels, **(kwargs | {"device": "meta"})).to_empty(device=w.device)
+        with torch.no_grad():
             conv.weight.copy_(weight)
-        if bias and like.bias is not None:
-            conv.bias.copy_(like.bias)
+            if conv.bias is not None:
+                conv.bias.copy_(like.bias) if like.bias is not None else conv.bias.zero_()
     channels_last = w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
     if channels_last:
         conv.weight = nn.Parameter(conv.weight.detach().contiguous(memory_format=torch.channels_last))
@@ -127,15 +131,32 @@ def make_conv(like: nn.Conv2d, in_channels: int, out_channels: int, *, groups: i
     return conv
 
 
+@contextlib.contextmanager
+def wrap_site_error(pass_name: str, site: str) -> Iterator[None]:
+    """Re-raise anything but an ``FxRewriteError`` as ``PassFailure`` naming the pass and the site (cause chained).
+
+    >>> with wrap_site_error("grouped", "layer1.conv"):  # doctest: +ELLIPSIS
+    ...     raise ValueError("boom")
+    Traceback (most recent call last):
+    fxrewrite.errors.PassFailure: pass 'grouped' failed at site 'layer1.conv': ValueError: boom; ...
+    """
+    try:
+        yield
+    except FxRewriteError:
+        raise
+    except Exception as exc:
+        raise PassFailure(f"pass {pass_name!r} failed at site {site!r}: {type(exc).__name__}: {exc}; exclude the "
+                          f"site with a selection rule (select=[Rule({site!r}, skip=True)]) or report this as a "
+                          "bug") from exc
+
+
 def conv_module(gm: torch.fx.GraphModule, site: ConvSite) -> nn.Conv2d:
     """The site's Conv2d; for a functional ``F.conv2d`` site, an equivalent module holding its constant weights."""
     if site.kind == "module":
         module = gm.get_submodule(site.name)
         assert isinstance(module, nn.Conv2d)
         return module
-    node = next(n for n in gm.graph.nodes if n.name == site.node)
-    names = ("input", "weight", "bias")
-    bound = dict(zip(names, node.args, strict=False)) | {k: v for k, v in node.kwargs.items() if k in names}
+    bound = _function_args(gm, site)
     weight = attr_of(bound["weight"], gm)
     s = site.spec
     conv = nn.Conv2d(s.in_channels, s.out_channels, s.kernel_size, s.stride, s.padding, s.dilation, s.groups,
@@ -147,6 +168,20 @@ def conv_module(gm: torch.fx.GraphModule, site: ConvSite) -> nn.Conv2d:
     conv.weight.requires_grad_(weight.requires_grad)
     conv.train(gm.training)
     return conv
+
+
+def _function_args(gm: torch.fx.GraphModule, site: ConvSite) -> dict[str, Any]:
+    """input / weight / bias arguments of a functional conv site (found through the graph's op/target index)."""
+    node = next(n for t in CONV_FUNCTIONS for n in gm.graph.find_nodes(op="call_function", target=t)
+                if n.name == site.node)
+    names = ("input", "weight", "bias")
+    return dict(zip(names, node.args, strict=False)) | {k: v for k, v in node.kwargs.items() if k in names}
+
+
+def _meta_weight(gm: torch.fx.GraphModule, site: ConvSite) -> bool:
+    if site.kind == "module":
+        return bool(gm.get_submodule(site.name).weight.is_meta)
+    return bool(attr_of(_function_args(gm, site)["weight"], gm).is_meta)
 
 
 def sequential(*convs: nn.Conv2d, like: nn.Module) -> nn.Sequential:
@@ -196,6 +231,9 @@ class ConvRewritePass(Pass):
         for site in sites:
             selection = selections[site.name]
             effective, reason = self._decide(site, selection)
+            if reason is None and getattr(effective, "init", "random") != "random" and _meta_weight(gm, site):
+                reason = Reason("meta-weight", f"{site.name}: the weight is on the meta device, so there are no "
+                                "values to factorise; load real weights first, or use init=random.")
             out.append((site, effective, reason, selection))
         return out
 
@@ -218,18 +256,14 @@ class ConvRewritePass(Pass):
         for site, effective, reason, selection in self._sites(gm, rules):
             built = None
             if reason is None:
-                built = self._build(effective, site, conv_module(gm, site))
+                built = self._build(effective, site, gm)
             records.append(self._record(site, effective, reason, selection, "planned", built))
         return records
 
-    def _build(self, effective: Pass, site: ConvSite, conv: nn.Module) -> Built:
-        assert isinstance(effective, ConvRewritePass) and isinstance(conv, nn.Conv2d)
-        try:
-            return effective.build(site, conv)
-        except FxRewriteError:
-            raise
-        except Exception as exc:
-            raise PassFailure(f"pass {self.name!r} failed at site {site.name!r}: {exc}") from exc
+    def _build(self, effective: Pass, site: ConvSite, gm: torch.fx.GraphModule) -> Built:
+        assert isinstance(effective, ConvRewritePass)
+        with wrap_site_error(self.name, site.name):
+            return effective.build(site, conv_module(gm, site))
 
     def run(self, gm: torch.fx.GraphModule, rules: Sequence[Rule] = ()) -> PassResult:
         records = []
@@ -239,9 +273,10 @@ class ConvRewritePass(Pass):
             if reason is not None:
                 records.append(self._record(site, effective, reason, selection, "skipped"))
                 continue
-            built = self._build(effective, site, conv_module(gm, site))
+            built = self._build(effective, site, gm)
             provenance = {"pass": self.name, "site": site.name, "options": effective.options()}
-            replace_conv(gm, nodes[site.node], built.module, provenance)
+            with wrap_site_error(self.name, site.name):
+                replace_conv(gm, nodes[site.node], built.module, provenance)
             records.append(self._record(site, effective, None, selection, "rewritten", built))
             modified = True
         if modified:
@@ -287,7 +322,7 @@ class PassManager:
             gm.recompile()
             records.extend(result.records)
             modified |= result.modified
-        return PassResult(gm, modified, tuple(records))
+        return PassResult(portable(gm), modified, tuple(records))
 
     def plan(self, gm: torch.fx.GraphModule) -> list[SiteRecord]:
         """Plan every pass against the unchanged graph (a dry run changes nothing, so later passes see the input)."""
