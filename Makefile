@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-test
 
-.PHONY: run test bench bench-quick lint clean
+.PHONY: run test test-zoo bench bench-quick lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,13 @@ $(STAMP_TEST): pyproject.toml | $(PY)
 run: $(STAMP_RUN)
 	$(PY) -m fxrewrite.digits
 
+# The test suite without the model-zoo sweeps (those are marked slow and run by `make test-zoo`).
 test: $(STAMP_TEST)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+# Every torchvision model: sites vs a hook count, exact rewrites, the robustness sweep.
+test-zoo: $(STAMP_TEST)
+	$(PY) -m pytest -q -m slow
 
 # Benchmarks write benchmarks/results/*.json and *.md; each also runs alone (python -m benchmarks.<name>).
 bench: $(STAMP_TEST)
