@@ -114,7 +114,7 @@ class RewriteResult:
 
 def plan(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, select: Any = None,
          concrete_args: Mapping[str, Any] | None = None, leaf_modules: Iterable[LeafSpec] = (),
-         autowrap_functions: Iterable[Callable[..., Any]] = ()) -> Plan:
+         autowrap_functions: Iterable[Callable[..., Any]] = (), partial: bool = False) -> Plan:
     """Per-site decisions without changing anything: which sites each pass would rewrite (and with what), which
     it would skip and why. With no passes, the sites and their eligibility for each rewrite kind.
 
@@ -124,6 +124,12 @@ def plan(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, sel
     [('conv', 'planned', 20736, 10368)]
     """
     from fxrewrite.passes import PassManager
+    if partial:
+        from fxrewrite.partial import rewrite_partial
+        _module, report, _left_alone = rewrite_partial(
+            model, example_inputs, passes, select=select, concrete_args=concrete_args, leaf_modules=leaf_modules,
+            autowrap_functions=autowrap_functions, verify=False, dry_run=True)
+        return Plan((), report)
     pipeline = _passes(passes)
     rules = parse_rules(select)
     gm, inputs = _capture(model, example_inputs, concrete_args, leaf_modules, autowrap_functions)
@@ -143,7 +149,7 @@ def rewrite(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, 
             rtol: float | None = None, atol: float | None = None, batches: Iterable[Any] | None = None,
             latency: bool | Mapping[str, Any] = False, calibration: Iterable[Any] | None = None,
             calibration_options: Mapping[str, Any] | None = None, target: Any = None,
-            forms: Any = None) -> RewriteResult:
+            forms: Any = None, partial: bool = False) -> RewriteResult:
     """Rewrite a copy of ``model`` with ``passes`` (a pipeline string or Pass objects); the input is not mutated.
 
     ``select`` restricts which sites are touched (names, globs, ``re:`` regexes, module types or ``Rule``s with
@@ -161,6 +167,10 @@ def rewrite(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, 
     (data-free, from the weights' spectra; see ``fxrewrite.budget``) so the rewritten model's totals stay within
     the target with the least predicted error; ``forms`` restricts the candidate forms. The chosen plan is in
     ``result.report.context["budget"]``.
+
+    ``partial=True`` handles models that do not trace as a whole (detectors taking lists of images, data-dependent
+    control flow): the largest submodules that trace are rewritten, the rest stays eager, and the report's context
+    lists what was left alone and why (``fxrewrite.partial``).
 
     ``calibration`` (an iterable of input tuples that can be read more than once, e.g. a DataLoader or a list)
     repairs the new weights on real activations before verification: each rewritten site's last conv is refit by
@@ -182,6 +192,14 @@ def rewrite(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, 
                               "module with calibration, then torch.export the result.")
         return rewrite_exported(model, example_inputs, passes, select=select, verify=verify, rtol=rtol, atol=atol,
                                 batches=batches, latency=latency)
+    if partial:
+        if target is not None or calibration is not None:
+            raise ConfigError("partial=True cannot be combined with target= or calibration= yet")
+        from fxrewrite.partial import rewrite_partial
+        module, report, _left_alone = rewrite_partial(
+            model, example_inputs, passes, select=select, concrete_args=concrete_args, leaf_modules=leaf_modules,
+            autowrap_functions=autowrap_functions, verify=verify, rtol=rtol, atol=atol)
+        return RewriteResult(module, report, report.verification)  # type: ignore[arg-type]
     if verify not in (True, False, "shapes"):
         raise ConfigError(f"verify must be True, False or 'shapes', got {verify!r}")
     pipeline = _passes(passes)

@@ -147,7 +147,8 @@ def _default_concrete_placeholders(gm: torch.fx.GraphModule, concrete_args: Mapp
     value passed equals the concrete one: ``forward(x, flag=True)`` traced with ``flag=False`` would fail when called
     as ``gm(x)``. The default becomes the concrete value, so ``gm(x)`` runs the specialised graph (and passing
     another value still trips torch's assertion). Skipped where a later placeholder has no default (Python forbids
-    it); such a module needs the argument passed explicitly.
+    it); such a module needs the argument passed explicitly. torch.fx also renames the argument (``flag_1``); a
+    plain flag gets its own name back, so ``gm(x, flag=False)`` works wherever the original was called that way.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     changed = False
@@ -159,6 +160,9 @@ def _default_concrete_placeholders(gm: torch.fx.GraphModule, concrete_args: Mapp
             node = next((n for n in placeholders if n.target == f"{name}_{i}"), None)
             if node is None:
                 continue
+            if len(leaves) == 1 and leaves[0] is value and not any(n.target == name for n in placeholders):
+                node.target = name
+                changed = True
             later = placeholders[placeholders.index(node) + 1:]
             if all(n.args for n in later):
                 node.args = (leaf,)

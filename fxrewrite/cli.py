@@ -78,6 +78,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help='pass pipeline, e.g. "depthwise-separable{rank=1}" or "grouped{groups=4},channel-shuffle"')
     p.add_argument("--select", action="append", default=[], metavar="NAME|GLOB|re:REGEX",
                    help="only touch matching sites (repeatable; a selector that matches nothing is an error)")
+    p.add_argument("--partial", action="store_true",
+                   help="for models that do not trace as a whole: rewrite the largest submodules that do")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--markdown", action="store_true", help="print the report as Markdown")
 
@@ -169,7 +171,7 @@ def _run_model_command(args: argparse.Namespace) -> tuple[str, int]:
     passes = ",".join(args.passes) or None
     select = args.select or None
     if args.command == "plan":
-        result: Any = fxrewrite.plan(model, inputs, passes, select=select, **capture)
+        result: Any = fxrewrite.plan(model, inputs, passes, select=select, partial=args.partial, **capture)
         if args.json:
             sites = [dataclasses.asdict(s) for s in result.sites]
             doc = {"sites": sites, "plan": result.report.to_dict()}
@@ -191,7 +193,7 @@ def _run_model_command(args: argparse.Namespace) -> tuple[str, int]:
         forms = parse_forms(args.forms) if args.forms else None
     result = fxrewrite.rewrite(model, inputs, passes, select=select, **capture, verify=verify, rtol=args.rtol,
                                atol=args.atol, latency=args.latency, calibration=calibration, target=target,
-                               forms=forms)
+                               forms=forms, partial=args.partial)
     if result.budget is not None:
         print(result.budget.table(result), file=sys.stderr)
         if args.budget_plan:

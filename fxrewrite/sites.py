@@ -142,14 +142,30 @@ def _module_blocker(conv: nn.Module, call_count: int, tied: bool) -> Reason | No
         how = "with its own forward" if own else "(not exactly nn.Conv2d)"
         return Reason("conv-subclass", f"{cls.__name__} subclasses nn.Conv2d {how}; it is not treated as a plain "
                       "convolution. Replace it by nn.Conv2d (or rewrite it with a pass that knows it) first.")
-    if conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks:
-        return Reason("module-hooks", "the module has hooks that a rewrite would drop; remove them first.")
+    hooks = hook_counts(conv)
+    if hooks:
+        listed = ", ".join(f"{n} {kind} hook{'s' if n > 1 else ''}" for kind, n in hooks.items())
+        return Reason("module-hooks", f"the module has {listed}; a rewrite would drop them, so it is left alone. "
+                      "Remove the hooks first (handle.remove()) to rewrite it.")
     if call_count > 1:
         return Reason("shared-module", f"the module is called from {call_count} places; rewriting one call would "
                       "untie the weights.")
     if tied:
         return Reason("tied-weight", "the weight is shared with another module; rewriting would untie it.")
     return None
+
+
+def hook_counts(module: nn.Module) -> dict[str, int]:
+    """The module's own hooks by kind (forward, forward-pre, backward, backward-pre), only kinds it has.
+
+    >>> conv = nn.Conv2d(1, 1, 1)
+    >>> _ = conv.register_forward_hook(lambda m, a, o: o)
+    >>> hook_counts(conv)
+    {'forward': 1}
+    """
+    counts = {"forward": len(module._forward_hooks), "forward-pre": len(module._forward_pre_hooks),
+              "backward": len(module._backward_hooks), "backward-pre": len(module._backward_pre_hooks)}
+    return {kind: n for kind, n in counts.items() if n}
 
 
 def _kind_reasons(spec: ConvSpec) -> tuple[tuple[str, Reason | None], ...]:
@@ -255,6 +271,42 @@ def find_sites(gm: torch.fx.GraphModule) -> list[ConvSite]:
             if site is not None:
                 sites.append(site)
     return sites
+
+
+@dataclass(frozen=True)
+class HiddenConv:
+    """A ``Conv2d`` of the module that is not a site: no node of the graph calls it, so it cannot be rewritten."""
+
+    name: str
+    container: str | None  # the leaf module whose call hides it (None when nothing in the graph calls it)
+    reason: Reason
+
+
+def hidden_convs(gm: torch.fx.GraphModule) -> list[HiddenConv]:
+    """Every ``nn.Conv2d`` in ``gm`` that the graph does not call: inside a leaf module (``leaf_modules``, a
+    subclass with its own forward, any module called as a whole), or never called by the traced forward.
+
+    >>> from fxrewrite.capture import trace
+    >>> block = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU())
+    >>> gm = trace(nn.Sequential(nn.Conv2d(3, 3, 1), block), leaf_modules=["1"])
+    >>> [(h.name, h.container, h.reason.code) for h in hidden_convs(gm)]
+    [('1.0', '1', 'not-visible')]
+    """
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    out = []
+    for name, module in gm.named_modules():
+        if not isinstance(module, nn.Conv2d) or name in called:
+            continue
+        parts = name.split(".")
+        container = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)
+                          if ".".join(parts[:i]) in called), None)
+        if container is not None:
+            why = (f"inside {container!r}, which the graph calls as one opaque module (a leaf module): its "
+                   "convolutions are not visible. Drop it from leaf_modules (if tracing allows) to rewrite them.")
+        else:
+            why = "no node of the traced graph calls it (unused, or only used under a branch the trace did not take)."
+        out.append(HiddenConv(name, container, Reason("not-visible", why)))
+    return out
 
 
 def check_groups(site: ConvSite, groups: int, *, out_divisible: bool) -> Reason | None:
