@@ -402,3 +402,27 @@ def test_torchvision_agrees_with_fvcore_and_flop_counter(name: str) -> None:
         assert abs(by_op["einsum"] - c.by_kind()["matmul"]) / c.by_kind()["matmul"] < 1e-4
         fv += c.by_kind()["matmul"] - by_op["einsum"]
     assert ours == fv
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize("passes", ["depthwise-separable{rank=1}", "grouped{groups=4}",
+                                    "grouped-separable{groups=4, rank=4}"])
+def test_costs_after_rewrites_agree_with_flop_counter(name: str, passes: str) -> None:
+    """After a rewrite, the cost model's conv+linear MACs still equal FlopCounterMode's count / 2."""
+    import torchvision
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import fxrewrite
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    result = fxrewrite.rewrite(model, (x,), passes=passes, verify=False)
+    ours = model_cost(result.module)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        result.module(x)
+    counted = counter.get_flop_counts()["Global"]
+    aten = torch.ops.aten
+    flops = sum(v for k, v in counted.items() if k in (aten.convolution, aten.addmm, aten.mm, aten.bmm))
+    assert ours.by_kind()["conv"] + ours.by_kind()["linear"] + ours.by_kind()["matmul"] == flops // 2
