@@ -34,13 +34,13 @@ test-zoo: $(STAMP_TEST)
 	$(PY) -m pytest -q -m slow
 
 # Benchmarks write benchmarks/results/*.json and *.md; each also runs alone (python -m benchmarks.<name>).
+BENCHMARKS := bench_pass_speed bench_cost_model bench_realised_speed bench_factorization bench_latency_budget
+
 bench: $(STAMP_TEST)
-	$(PY) -m benchmarks.bench_pass_speed
-	$(PY) -m benchmarks.bench_realised_speed
+	@for b in $(BENCHMARKS); do echo "== $$b" >&2; $(PY) -m benchmarks.$$b || exit 1; done
 
 bench-quick: $(STAMP_TEST)
-	$(PY) -m benchmarks.bench_pass_speed --quick
-	$(PY) -m benchmarks.bench_realised_speed --quick
+	@for b in $(BENCHMARKS); do echo "== $$b --quick" >&2; $(PY) -m benchmarks.$$b --quick || exit 1; done
 
 lint: $(STAMP_TEST)
 	$(VENV)/bin/ruff check fxrewrite passes tests examples benchmarks

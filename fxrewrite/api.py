@@ -16,26 +16,29 @@ changes nothing.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
+from fxrewrite import capture
 from fxrewrite.capture import LeafSpec, trace
 from fxrewrite.cost import ModelCost, model_cost
-from fxrewrite.errors import ConfigError
+from fxrewrite.errors import ConfigError, FxRewriteError
 from fxrewrite.latency import LatencyReport, measure_latency
 from fxrewrite.report import CostComparison, Report, SiteCost, SiteRecord
-from fxrewrite.select import parse_rules
+from fxrewrite.select import Rule, parse_rules, resolve
 from fxrewrite.shapes import propagate_shapes
 from fxrewrite.site_table import sites_table
-from fxrewrite.sites import ConvSite, find_sites
-from fxrewrite.verify import Verification, site_groups
+from fxrewrite.sites import ConvSite, dropping_hooks, find_sites, hidden_convs
+from fxrewrite.verify import Verification, _numerics_blocker, site_groups
 from fxrewrite.verify import verify as verify_rewrite
 
 PassesArg = str | Iterable[Any] | None
+_T = TypeVar("_T")
 
 
 def _passes(passes: PassesArg) -> list[Any]:
@@ -62,14 +65,85 @@ def _inputs(example_inputs: Any) -> tuple[Any, ...]:
     return tuple(example_inputs)
 
 
-def _capture(model: nn.Module, example_inputs: Any, concrete_args: Mapping[str, Any] | None,
-             leaf_modules: Iterable[LeafSpec], autowrap_functions: Iterable[Callable[..., Any]]
-             ) -> tuple[torch.fx.GraphModule, tuple[Any, ...]]:
-    inputs = _inputs(example_inputs)
-    gm = trace(model, concrete_args=concrete_args, leaf_modules=leaf_modules,
-               autowrap_functions=autowrap_functions)
-    propagate_shapes(gm, inputs)
-    return gm, inputs
+def _collect(errors: list[ConfigError], fn: Callable[..., _T], *args: Any) -> _T | None:
+    """``fn(*args)``, or None with its ``ConfigError`` appended to ``errors``."""
+    try:
+        return fn(*args)
+    except ConfigError as exc:
+        errors.append(exc)
+        return None
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    pipeline: list[Any]
+    rules: list[Rule]
+    gm: torch.fx.GraphModule
+    inputs: tuple[Any, ...]
+
+
+def _prepare(model: nn.Module, example_inputs: Any, passes: PassesArg, select: Any,
+             concrete_args: Mapping[str, Any] | None, leaf_modules: Iterable[LeafSpec],
+             autowrap_functions: Iterable[Callable[..., Any]], drop_hooks: bool) -> _Prepared:
+    """Parse the options, trace a copy of ``model`` and propagate shapes. Every configuration error (the pipeline,
+    the selectors, the capture options, the example inputs, rules that match no site, what each pass refuses) is
+    raised together in one ``ConfigError`` before any pass runs."""
+    capture._check_traceable_type(model)
+    errors: list[ConfigError] = []
+    pipeline = _collect(errors, _passes, passes) or []
+    rules = _collect(errors, parse_rules, select) or []
+    inputs = _collect(errors, _inputs, example_inputs)
+    leaf_specs = list(leaf_modules)
+    before = len(errors)
+    _collect(errors, capture._check_options, model, concrete_args, leaf_specs)
+    if len(errors) > before:  # trace without the entries that name nothing, to check the selectors all the same
+        known = {name for name, _ in model.named_modules()}
+        leaf_specs = [s for s in leaf_specs if (isinstance(s, str) and s in known)
+                      or (isinstance(s, type) and issubclass(s, nn.Module))]
+    gm = None
+    try:
+        gm = trace(model, concrete_args=concrete_args, leaf_modules=leaf_specs, autowrap_functions=autowrap_functions)
+    except ConfigError as exc:
+        errors.append(exc)
+    except FxRewriteError:
+        if not errors:
+            raise
+    if gm is not None and inputs is not None:
+        _collect(errors, propagate_shapes, gm, inputs)
+    if gm is not None:
+        sites = find_sites(gm)
+        if rules:
+            _collect(errors, resolve, rules, sites)
+        matched = [r for r in rules if any(r.matches(s) for s in sites)]
+        with dropping_hooks(gm, drop_hooks):
+            for p in pipeline:
+                _collect(errors, p.validate, gm, matched)
+    unique = list({str(e): e for e in errors}.values())
+    if len(unique) == 1:
+        raise unique[0]
+    if unique:
+        raise ConfigError(f"{len(unique)} configuration errors (nothing was changed):\n  "
+                          + "\n  ".join(str(e) for e in unique))
+    assert gm is not None and inputs is not None
+    return _Prepared(pipeline, rules, gm, inputs)
+
+
+# Modules whose forward depends on the training flag: batch / instance norm (batch statistics, running-stat updates),
+# dropout, randomised leaky ReLU.
+_TRAIN_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd, nn.RReLU)
+
+
+def _warn_if_training(model: nn.Module) -> None:
+    """Numerics are verified in eval mode: say so when a module whose output depends on the flag is in training
+    mode (a plain stack of convs and activations computes the same in both, so it gets no warning)."""
+    training = [(name, m) for name, m in model.named_modules() if m.training and isinstance(m, _TRAIN_DEPENDENT)]
+    if training:
+        name, module = training[0]
+        more = f" and {len(training) - 1} more" if len(training) > 1 else ""
+        warnings.warn(f"{type(model).__name__} is in training mode ({name!r}, a {type(module).__name__}{more}, "
+                      "computes differently there): the verification runs both models in eval mode (dropout off, "
+                      "batch norm on its running statistics), and the rewritten module keeps the training flags. "
+                      "Call model.eval() first to rewrite for inference.", UserWarning, stacklevel=3)
 
 
 def _context(model: nn.Module, inputs: tuple[Any, ...], passes: list[Any]) -> dict[str, Any]:
@@ -80,7 +154,8 @@ def _context(model: nn.Module, inputs: tuple[Any, ...], passes: list[Any]) -> di
 
 @dataclass(frozen=True)
 class Plan:
-    """A dry run: every site with its eligibility, and (with passes) what each pass would do at each site."""
+    """A dry run: every site with its eligibility, and (with passes) what each pass would do at each site; the
+    report also lists the convolutions that are not sites (``report.not_visible``)."""
 
     sites: tuple[ConvSite, ...]
     report: Report
@@ -91,7 +166,10 @@ class Plan:
 
     def __str__(self) -> str:
         text = sites_table(self.sites)
-        return text if not self.records else f"{text}\n\n{self.report}"
+        if self.records:
+            return f"{text}\n\n{self.report}"
+        hidden = self.report.not_visible_lines()
+        return "\n".join([text, *hidden]) if hidden else text
 
 
 @dataclass(frozen=True)
@@ -114,9 +192,12 @@ class RewriteResult:
 
 def plan(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, select: Any = None,
          concrete_args: Mapping[str, Any] | None = None, leaf_modules: Iterable[LeafSpec] = (),
-         autowrap_functions: Iterable[Callable[..., Any]] = (), partial: bool = False) -> Plan:
+         autowrap_functions: Iterable[Callable[..., Any]] = (), partial: bool = False,
+         drop_hooks: bool = False) -> Plan:
     """Per-site decisions without changing anything: which sites each pass would rewrite (and with what), which
-    it would skip and why. With no passes, the sites and their eligibility for each rewrite kind.
+    it would skip and why. With no passes, the sites and their eligibility for each rewrite kind. Every
+    configuration error is raised together in one ``ConfigError``; convolutions that are not sites (inside leaf
+    modules, or never called) are listed in the report as ``not-visible``.
 
     >>> import torch, fxrewrite
     >>> p = fxrewrite.plan(torch.nn.Conv2d(8, 8, 3), (torch.randn(1, 8, 8, 8),), passes="grouped{groups=2}")
@@ -125,22 +206,27 @@ def plan(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, sel
     """
     from fxrewrite.passes import PassManager
     if partial:
+        _no_drop_hooks_with_partial(drop_hooks)
         from fxrewrite.partial import rewrite_partial
         _module, report, _left_alone = rewrite_partial(
             model, example_inputs, passes, select=select, concrete_args=concrete_args, leaf_modules=leaf_modules,
             autowrap_functions=autowrap_functions, verify=False, dry_run=True)
         return Plan((), report)
-    pipeline = _passes(passes)
-    rules = parse_rules(select)
-    gm, inputs = _capture(model, example_inputs, concrete_args, leaf_modules, autowrap_functions)
-    sites = tuple(find_sites(gm))
-    records = PassManager(pipeline, rules).plan(gm) if pipeline else []
-    if rules and not pipeline:
-        from fxrewrite.select import resolve
-        resolve(rules, sites)  # a rule that matches nothing is an error even in a listing
+    prep = _prepare(model, example_inputs, passes, select, concrete_args, leaf_modules, autowrap_functions,
+                    drop_hooks)
+    with dropping_hooks(prep.gm, drop_hooks):
+        sites = tuple(find_sites(prep.gm))
+    records = PassManager(prep.pipeline, prep.rules, drop_hooks=drop_hooks).plan(prep.gm) if prep.pipeline else []
     report = Report(tuple(records), title="fxrewrite plan (dry run: nothing was changed)",
-                    context=_context(model, inputs, pipeline))
+                    context=_context(model, prep.inputs, prep.pipeline),
+                    not_visible=tuple(hidden_convs(prep.gm, model)))
     return Plan(sites, report)
+
+
+def _no_drop_hooks_with_partial(drop_hooks: bool) -> None:
+    if drop_hooks:
+        raise ConfigError("drop_hooks=True cannot be combined with partial=True yet: remove the hooks "
+                          "(handle.remove()) before rewriting, or rewrite the traceable submodule on its own.")
 
 
 def rewrite(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, select: Any = None,
@@ -149,12 +235,15 @@ def rewrite(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, 
             rtol: float | None = None, atol: float | None = None, batches: Iterable[Any] | None = None,
             latency: bool | Mapping[str, Any] = False, calibration: Iterable[Any] | None = None,
             calibration_options: Mapping[str, Any] | None = None, target: Any = None,
-            forms: Any = None, partial: bool = False) -> RewriteResult:
+            forms: Any = None, partial: bool = False, drop_hooks: bool = False) -> RewriteResult:
     """Rewrite a copy of ``model`` with ``passes`` (a pipeline string or Pass objects); the input is not mutated.
 
     ``select`` restricts which sites are touched (names, globs, ``re:`` regexes, module types or ``Rule``s with
     option overrides; see ``fxrewrite.select``). With no passes the traced module is returned with a report of its
-    sites.
+    sites. Every configuration error (pipeline, selectors, capture options, rules that match nothing, what a pass
+    refuses) is raised together in one ``ConfigError`` before anything runs. Convolutions with hooks are skipped
+    (``module-hooks``) unless ``drop_hooks=True``: then they are rewritten and the new modules have no hooks (each
+    record counts them in ``details["dropped_hooks"]``; the input model keeps its hooks).
 
     ``verify`` (default True) checks the result against ``model`` on the example inputs (or ``batches``):
     ``"shapes"`` checks shapes and costs only. Without ``rtol``, exact rewrites are gated at float level and lossy
@@ -164,9 +253,11 @@ def rewrite(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, 
     keyword arguments) also measures both models.
 
     ``target=fxrewrite.Target(macs=0.5)`` replaces ``passes``: one form and rank/groups per site is chosen
-    (data-free, from the weights' spectra; see ``fxrewrite.budget``) so the rewritten model's totals stay within
-    the target with the least predicted error; ``forms`` restricts the candidate forms. The chosen plan is in
-    ``result.report.context["budget"]``.
+    (data-free, from the weights' spectra, or with ``calibration`` from the output error on those activations; see
+    ``fxrewrite.budget``) so the rewritten model's totals stay within the target with the least predicted error;
+    ``forms`` restricts the candidate forms. ``Target(latency=0.5)`` times the layers (``fxrewrite.layer_latency``);
+    with ``latency=True`` the plan also compares its predicted model latency with the measured one. The chosen
+    plan is in ``result.report.context["budget"]``.
 
     ``partial=True`` handles models that do not trace as a whole (detectors taking lists of images, data-dependent
     control flow): the largest submodules that trace are rewritten, the rest stays eager, and the report's context
@@ -187,14 +278,22 @@ def rewrite(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, 
     from fxrewrite.passes import PassManager
     if isinstance(model, torch.export.ExportedProgram):
         from fxrewrite.exported import rewrite_exported
-        if calibration is not None:
-            raise ConfigError("calibration= is not supported for an ExportedProgram input yet: rewrite the eager "
-                              "module with calibration, then torch.export the result.")
+        unsupported = [name for name, given in (
+            ("calibration", calibration is not None), ("calibration_options", calibration_options is not None),
+            ("target", target is not None), ("forms", forms is not None), ("partial", partial),
+            ("drop_hooks", drop_hooks), ("concrete_args", concrete_args is not None),
+            ("leaf_modules", bool(tuple(leaf_modules))), ("autowrap_functions", bool(tuple(autowrap_functions))),
+        ) if given]
+        if unsupported:
+            raise ConfigError(f"{', '.join(unsupported)} not supported for an ExportedProgram input (it is already "
+                              "captured, and budgets and repair run on the eager module): rewrite the eager module "
+                              "with these options, then torch.export the result.")
         return rewrite_exported(model, example_inputs, passes, select=select, verify=verify, rtol=rtol, atol=atol,
                                 batches=batches, latency=latency)
     if partial:
         if target is not None or calibration is not None:
             raise ConfigError("partial=True cannot be combined with target= or calibration= yet")
+        _no_drop_hooks_with_partial(drop_hooks)
         from fxrewrite.partial import rewrite_partial
         module, report, _left_alone = rewrite_partial(
             model, example_inputs, passes, select=select, concrete_args=concrete_args, leaf_modules=leaf_modules,
@@ -202,9 +301,12 @@ def rewrite(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, 
         return RewriteResult(module, report, report.verification)  # type: ignore[arg-type]
     if verify not in (True, False, "shapes"):
         raise ConfigError(f"verify must be True, False or 'shapes', got {verify!r}")
-    pipeline = _passes(passes)
-    rules = parse_rules(select)
-    gm, inputs = _capture(model, example_inputs, concrete_args, leaf_modules, autowrap_functions)
+    prep = _prepare(model, example_inputs, passes, select, concrete_args, leaf_modules, autowrap_functions,
+                    drop_hooks)
+    pipeline, gm, inputs = prep.pipeline, prep.gm, prep.inputs
+    if verify is True and _numerics_blocker(model, model, inputs) is None:
+        _warn_if_training(model)
+    hidden = tuple(hidden_convs(gm, model))  # before the passes: they only replace sites
     before = model_cost(gm)
     before_nodes = {(str(n.target) if n.op == "call_module" else n.name): n.name for n in gm.graph.nodes}
     budget_plan = None
@@ -212,10 +314,12 @@ def rewrite(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, 
         if pipeline:
             raise ConfigError("give either passes= or target=, not both: a target chooses the passes per site")
         from fxrewrite.budget import DEFAULT_FORMS, choose_plan
-        budget_plan = choose_plan(gm, target, forms=forms or DEFAULT_FORMS, select=select)
-        result = budget_plan.apply(gm)
+        with dropping_hooks(gm, drop_hooks):
+            budget_plan = choose_plan(gm, target, forms=forms or DEFAULT_FORMS, select=select, calibration=calibration,
+                                      input_fn=dict(calibration_options or {}).get("input_fn"))
+            result = budget_plan.apply(gm)
     else:
-        result = PassManager(pipeline, rules)(gm)
+        result = PassManager(pipeline, prep.rules, drop_hooks=drop_hooks)(gm)
     repaired = None
     if calibration is not None:
         from fxrewrite.repair import repair
@@ -242,10 +346,11 @@ def rewrite(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, 
         options = dict(latency) if isinstance(latency, Mapping) else {}
         measured = measure_latency(model, result.graph_module, inputs, **options)
     if budget_plan is not None:
-        context["budget"] = budget_plan.to_dict(result)
+        context["budget"] = budget_plan.to_dict(result, latency=measured)
     sections = (("repair (data-aware refit on the calibration data)", str(repaired)),) if repaired else ()
     report = Report(result.records, title="fxrewrite rewrite", context=context, costs=costs,
-                    verification=verification, latency=measured, extra_sections=sections)
+                    verification=verification, latency=measured, extra_sections=sections,
+                    not_visible=hidden)
     return RewriteResult(result.graph_module, report, verification, measured, repaired, budget_plan)
 
 

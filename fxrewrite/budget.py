@@ -1,5 +1,5 @@
-"""Budgets: choose one rewrite per convolution site so that the model meets a MAC / parameter target with the least
-total predicted error.
+"""Budgets: choose one rewrite per convolution site so that the model meets a MAC / parameter / latency target with
+the least total predicted error.
 
 ``choose_plan(gm, Target(macs=0.5))`` takes a traced GraphModule with shapes (``fxrewrite.shapes.propagate_shapes``)
 and, for every eligible site, lists candidates: keep the conv, or each allowed form (``forms``) with each valid rank /
@@ -11,6 +11,20 @@ shapes and its predicted error from the trained weight, without data and without
 - grouped ``{groups=g}``: the energy outside the block diagonal (``sqrt(1 - kept_energy)``);
 - Tucker-2 (``grouped-bottleneck{groups=1, rank=R}``, opt-in form ``"tucker2"``): the error of the truncated HOSVD
   (the pass's ST-HOSVD + HOOI fit usually ends a little below it).
+
+**Calibration** (``calibration=`` batches): the error is instead the relative output error of the site on real
+activations, ``sqrt(trace(dW G dW^T) / sum ||y||^2)`` with ``G`` the Gram matrix of the site's unfolded input patches
+(``collect_site_stats``: sums over batches, sites in chunks of bounded Gram memory, no activation kept) and ``dW`` the
+change the form makes. It is exact for the built factorisations, and every rank of a group count comes from one small
+matrix (``separable_output_errors``; ``grouped_output_error``, ``tucker2_output_errors`` likewise).
+
+**Latency** (``Target(latency=0.5, backend="eager")``): every site's original conv and every candidate are timed
+once per distinct layer configuration (``fxrewrite.layer_latency``: round-robin median against the original, cached
+in memory and optionally on disk); the candidates timed are those Pareto-optimal in MACs, parameters and error, with
+ranks on a grid of about two per octave (``LayerLatency.rank_grid``). A candidate not faster than the original conv
+on that backend is pruned (each site says how many); the summed site latencies (the measured original total minus
+the per-site savings) must meet the target. ``BudgetPlan.latency_check`` compares that prediction with a whole-model
+measurement (``fxrewrite.latency``).
 
 **Objective.** Minimise ``sum over sites of w_s * loss(e_s)``, where ``e_s = ||W_s - W_s'||_F / ||W_s||_F`` is the
 site's relative weight error (predicted as above) and ``w_s`` its importance (1 for every site unless ``weights=``
@@ -54,6 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import heapq
 import json
 import math
@@ -63,12 +78,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from tabulate import tabulate
-from torch import Tensor
+from torch import Tensor, nn
 
 from fxrewrite import factorize
 from fxrewrite.cost import model_cost
@@ -87,13 +102,18 @@ __all__ = [
     "GroupedForm",
     "GroupedSeparableForm",
     "SiteChoice",
+    "SiteStats",
     "Target",
     "Tucker2Form",
     "choose_plan",
+    "collect_site_stats",
     "group_spectra",
+    "grouped_output_error",
     "make_form",
     "optimise",
     "parse_forms",
+    "separable_output_errors",
+    "tucker2_output_errors",
 ]
 
 KEEP = "keep"
@@ -135,10 +155,13 @@ def _fraction(name: str, value: object) -> float | None:
 @dataclass(frozen=True)
 class Target:
     """Upper bounds on the rewritten model's totals as fractions of the original's (``macs=0.5``: at most half the
-    MACs). At least one must be given; both may be.
+    MACs; ``latency=0.5``: at most half the summed latency of the conv sites, measured per layer on ``backend``, see
+    ``fxrewrite.layer_latency``). At least one bound must be given; any may be combined.
 
     >>> Target(macs=0.5).describe()
     'macs <= 0.5x'
+    >>> Target(latency=0.6, params=0.5).describe()
+    'params <= 0.5x, latency <= 0.6x (eager)'
     >>> Target(macs=1.5)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     fxrewrite.errors.ConfigError: Target: macs=1.5 must be in (0, 1] ...
@@ -146,42 +169,60 @@ class Target:
 
     macs: float | None = None
     params: float | None = None
+    latency: float | None = None
+    backend: str = "eager"
 
     def __post_init__(self) -> None:
+        from fxrewrite.layer_latency import BACKENDS
         macs, params = _fraction("macs", self.macs), _fraction("params", self.params)
-        if macs is None and params is None:
-            raise ConfigError("Target needs macs= and/or params= (fractions of the original model's totals), "
-                              "e.g. Target(macs=0.5)")
+        latency = _fraction("latency", self.latency)
+        if macs is None and params is None and latency is None:
+            raise ConfigError("Target needs macs=, params= and/or latency= (fractions of the original model's "
+                              "totals), e.g. Target(macs=0.5)")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"Target: unknown latency backend {self.backend!r}; valid: {', '.join(BACKENDS)}")
         object.__setattr__(self, "macs", macs)
         object.__setattr__(self, "params", params)
+        object.__setattr__(self, "latency", latency)
 
     def describe(self) -> str:
         parts = [f"{k} <= {v:g}x" for k, v in (("macs", self.macs), ("params", self.params)) if v is not None]
+        if self.latency is not None:
+            parts.append(f"latency <= {self.latency:g}x ({self.backend})")
         return ", ".join(parts)
 
-    def to_dict(self) -> dict[str, float | None]:
-        return {"macs": self.macs, "params": self.params}
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"macs": self.macs, "params": self.params}
+        if self.latency is not None:
+            out |= {"latency": self.latency, "backend": self.backend}
+        return out
 
 
 @dataclass(frozen=True)
 class Candidate:
     """One way to implement a site: ``form`` is a pass's CLI name (``"keep"`` for the original conv) and
-    ``options`` its per-site options; ``macs`` / ``params`` are the site's cost after the change and ``rel_error``
-    the predicted relative weight error ``||W - W'||_F / ||W||_F``."""
+    ``options`` its per-site options; ``macs`` / ``params`` are the site's cost after the change, ``rel_error``
+    the predicted relative error: of the weight, ``||W - W'||_F / ||W||_F`` (data-free), or of the site's output on
+    the calibration data (``choose_plan(..., calibration=...)``); ``latency_ms`` the measured latency of the
+    replacement (latency targets only)."""
 
     form: str
     options: Mapping[str, Any]
     macs: int
     params: int
     rel_error: float
+    latency_ms: float | None = None
 
     def spec(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
         return f"{self.form}{{{opts}}}" if opts else self.form
 
     def to_dict(self) -> dict[str, Any]:
-        return {"form": self.form, "options": dict(self.options), "macs": self.macs, "params": self.params,
-                "predicted_rel_error": self.rel_error}
+        out = {"form": self.form, "options": dict(self.options), "macs": self.macs, "params": self.params,
+               "predicted_rel_error": self.rel_error}
+        if self.latency_ms is not None:
+            out["latency_ms"] = self.latency_ms
+        return out
 
 
 def _candidate(form: str, options: Mapping[str, Any], macs: int, params: int, rel_error: float) -> Candidate:
@@ -195,12 +236,265 @@ def _candidate(form: str, options: Mapping[str, Any], macs: int, params: int, re
 class Form(Protocol):
     """A candidate generator: ``name`` identifies it in ``forms=``; ``pass_name`` is the pass that applies it (the
     candidates' options are that pass's options); ``candidates`` lists every option set it allows at a site, with
-    cost and predicted error (no module is built)."""
+    cost and predicted error (no module is built). A form that can predict output errors from calibration
+    statistics sets ``calibrated = True`` and accepts ``candidates(site, weight, stats)`` (a ``SiteStats``)."""
 
     name: str
     pass_name: str
 
     def candidates(self, site: ConvSite, weight: Tensor) -> list[Candidate]: ...
+
+
+# ------------------------------------------------------------------------------------- calibration statistics
+
+
+@dataclass
+class SiteStats:
+    """Second moments of one site's input on the calibration data (sums over batches; no activation is kept).
+
+    Per source group ``b`` of the conv (``G`` groups, ``m = O/G`` outputs, ``d = (I/G)K`` columns): ``gram[b]`` the
+    Gram matrix ``sum x x^T`` of the unfolded input patches (``fxrewrite.repair.im2col`` columns) and ``weight[b]``
+    the conv weight as ``m x d``, both float64; ``energy`` the output energy ``sum ||W x + bias||^2``. A weight
+    change ``dW`` changes the output by ``trace(dW G dW^T) / energy`` (squared, relative): ``output_error(dw)``.
+    """
+
+    gram: Tensor
+    weight: Tensor
+    energy: float
+    columns: int
+    _cache: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def weight_times_gram(self) -> Tensor:
+        """``W G`` per source group (``m x d``, float64)."""
+        if "wg" not in self._cache:
+            self._cache["wg"] = self.weight @ self.gram
+        return self._cache["wg"]
+
+    def compute(self, name: str) -> Tensor:
+        """``gram``, or ``weight_gram`` (``W^T W`` per source group), in the dtype the quadratic forms use (cached):
+        float32 from ``_FP32_FROM`` columns on (resnet's 256- and 512-channel 3x3 convs: 2-3x faster, and on a
+        512-channel layer the output errors agree with float64 to about 1e-8), float64 below."""
+        if name not in self._cache:
+            dtype = torch.float32 if self.gram.shape[-1] >= _FP32_FROM else torch.float64
+            if name == "gram":
+                self._cache[name] = self.gram.to(dtype)
+            elif name == "weight_gram":
+                w = self.weight.to(dtype)
+                self._cache[name] = w.mT @ w
+            else:
+                raise ValueError(f"SiteStats.compute: unknown matrix {name!r} (gram or weight_gram)")
+        return self._cache[name]
+
+    def output_error(self, dw: Tensor) -> float:
+        """Relative output error ``sqrt(trace(dW G dW^T) / energy)`` of a weight change ``dw`` (``G x m x d``)."""
+        q = float(((dw.to(torch.float64) @ self.gram) * dw).sum())
+        return _relative(q, self.energy)
+
+
+def _relative(q: float | np.ndarray, energy: float) -> Any:
+    """``sqrt(q / energy)`` (0 for a site whose output is zero on the data)."""
+    q = np.maximum(q, 0.0)
+    if energy <= 0.0:
+        return np.zeros_like(q) if isinstance(q, np.ndarray) else 0.0
+    out = np.sqrt(q / energy)
+    return out if isinstance(out, np.ndarray) else float(out)
+
+
+_FP32_FROM = 1024  # see SiteStats.compute
+
+
+class _GramSum:
+    """Running sums for one site: Gram and column sums of the im2col columns (float32 per chunk, float64 sums)."""
+
+    def __init__(self, conv: nn.Conv2d, device: torch.device | None) -> None:
+        g = conv.groups
+        d = conv.in_channels // g * conv.kernel_size[0] * conv.kernel_size[1]
+        self.conv = conv
+        self.gram = torch.zeros(g, d, d, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(g, d, dtype=torch.float64, device=device)
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, x: Tensor) -> None:
+        from fxrewrite.repair import im2col
+        n = x.shape[0]
+        per_sample = max(1, math.prod(int(v) for v in x.shape[1:]) * self.conv.kernel_size[0]
+                         * self.conv.kernel_size[1])
+        step = max(1, _GRAM_CHUNK // per_sample)
+        for i in range(0, n, step):
+            cols = im2col(self.conv, x[i:i + step].detach())
+            cols = cols if cols.dtype in (torch.float32, torch.float64) else cols.float()
+            self.gram += (cols @ cols.mT).to(torch.float64)
+            self.sums += cols.sum(dim=-1).to(torch.float64)
+            self.count += cols.shape[-1]
+
+    def stats(self) -> SiteStats:
+        from fxrewrite.repair import _all_reduce
+        _all_reduce(self.gram, self.sums, self.count)
+        conv = self.conv
+        g, m = conv.groups, conv.out_channels // conv.groups
+        w = conv.weight.detach().to(torch.float64).reshape(g, m, -1).to(self.gram.device)
+        energy = float(((w @ self.gram) * w).sum())
+        if conv.bias is not None:
+            b = conv.bias.detach().to(torch.float64).reshape(g, m).to(self.gram.device)
+            energy += float(2 * (b * (w @ self.sums[..., None])[..., 0]).sum() + self.count * b.square().sum())
+        return SiteStats(self.gram.cpu(), w.cpu(), energy, int(self.count))
+
+
+_GRAM_CHUNK = 1 << 24  # float32 im2col elements per chunk (64 MiB): bounds the transient memory of a batch
+
+
+def _conv_input(node: torch.fx.Node) -> torch.fx.Node:
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    if not isinstance(x, torch.fx.Node):
+        raise ConfigError(f"conv node {node.name!r} has no tensor input node; calibration cannot observe it")
+    return x
+
+
+def collect_site_stats(gm: torch.fx.GraphModule, sites: Sequence[ConvSite], data: Iterable[Any], *,
+                       input_fn: Callable[[Any], Sequence[Any]] | None = None,
+                       max_bytes: int = 1 << 30) -> Iterator[tuple[ConvSite, SiteStats]]:
+    """``(site, SiteStats)`` for every site, in graph order, from running ``gm`` (eval mode, no grad) on ``data``
+    (input tuples or tensors; ``input_fn`` maps items to inputs). Sites are taken in chunks whose Gram matrices
+    fit ``max_bytes`` together (one pass over the data per chunk, stopping at the chunk's last input), and each
+    chunk's statistics are yielded before the next is collected, so memory stays bounded."""
+    from fxrewrite.passes.base import conv_module
+    from fxrewrite.repair import _device, _to, as_inputs, check_reiterable, eval_mode, node_values
+    nodes = {n.name: n for n in gm.graph.nodes}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    todo = sorted(sites, key=lambda s: order[nodes[s.node]])
+    chunks: list[list[ConvSite]] = []
+    size = 0
+    for s in todo:
+        d = s.spec.in_channels // s.spec.groups * s.spec.kernel_size[0] * s.spec.kernel_size[1]
+        need = s.spec.groups * d * d * 8
+        if not chunks or size + need > max_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(s)
+        size += need
+    if len(chunks) > 1:
+        check_reiterable(data)
+    device = _device(gm)
+    for chunk in chunks:
+        sums = {s.name: _GramSum(conv_module(gm, s), device) for s in chunk}
+        inputs_of: dict[torch.fx.Node, list[str]] = {}
+        for s in chunk:
+            inputs_of.setdefault(_conv_input(nodes[s.node]), []).append(s.name)
+        stop = max(inputs_of, key=order.__getitem__)
+        batches = 0
+        with torch.no_grad(), eval_mode(gm):
+            for item in data:
+                for node, value in node_values(gm, _to(as_inputs(item, input_fn), device), inputs_of, stop=stop):
+                    if not isinstance(value, Tensor) or value.dim() != 4:
+                        raise ConfigError(f"calibration: the input of conv site(s) {inputs_of[node]} is not a 4-D "
+                                          "tensor")
+                    for name in inputs_of[node]:
+                        sums[name].add(value)
+                batches += 1
+        if batches == 0:
+            raise ConfigError("calibration data is empty: give at least one batch of inputs")
+        for s in chunk:
+            yield s, sums.pop(s.name).stats()
+
+
+def _block_quad(m: Tensor, r: Tensor) -> Tensor:
+    """``out[x, j, y, l] = sum_{a, b} r[x, a, j] M[(x, a), (y, b)] r[y, b, l]`` for block-diagonal factors ``r``
+    (``q`` blocks of ``c x k``) and a ``qc x qc`` matrix ``M``: ``R^T M R`` in ``D^2 k + D q k^2`` operations, in
+    ``M``'s dtype (see ``SiteStats.compute``)."""
+    return _block_quad_(m, r.to(m.dtype))
+
+
+def _block_quad_(m: Tensor, r: Tensor) -> Tensor:
+    q, c, k = r.shape
+    t = (m.reshape(q * c, q, c).transpose(0, 1) @ r)  # (y, (x, a), l)
+    t = t.reshape(q, q, c, k).permute(1, 2, 0, 3).reshape(q, c, q * k)  # (x, a, (y, l))
+    return (r.mT @ t).reshape(q, k, q, k)
+
+
+def separable_output_errors(stats: SiteStats, groups: int) -> np.ndarray:
+    """``errors[r]``: the relative output error on the calibration data of the (grouped-)separable factorisation
+    with ``groups`` input groups and rank ``r`` (0 .. the exact rank), the per-group truncated SVD that
+    ``factorize.grouped_separable`` builds. With ``A_i = sum_j s_ij u_ij v_ij^T`` the slice of input group ``i``,
+    the discarded change is ``sum_{j >= r} s_ij u_ij v_ij^T``, so ``trace(dW G dW^T) = sum_{j, l >= r} Z[j, l]``
+    with ``Z[j, l] = sum_{x, y} (s u_xj . s u_yl) (v_xj^T G_xy v_yl)``: one ``k x k`` matrix per group count
+    gives every rank."""
+    big_g, m, d = stats.weight.shape
+    q = groups // big_g
+    c = d // q
+    k = min(m, c)
+    z = torch.zeros(k, k, dtype=torch.float64)
+    for b in range(big_g):
+        a = stats.weight[b].reshape(m, q, c).transpose(0, 1)  # (q, m, c): the slices A_i of this source group
+        if c <= m:  # tall slices (as factorize computes them): right vectors V, left Gram V^T A_x^T A_y V
+            with _one_thread():  # batched eigh: threads only synchronise
+                right = torch.linalg.eigh(a.mT @ a).eigenvectors.flip(-1)  # (q, c, c), descending
+            left = _block_quad(stats.compute("weight_gram")[b], right)
+        else:  # wide slices: left vectors U, right factors A^T U = V S
+            with _one_thread():
+                u = torch.linalg.eigh(a @ a.mT).eigenvectors.flip(-1)  # (q, m, m)
+            right = a.mT @ u
+            flat = u.transpose(0, 1).reshape(m, q * k).to(stats.compute("gram").dtype)
+            left = (flat.mT @ flat).reshape(q, k, q, k)
+        z += (left * _block_quad(stats.compute("gram")[b], right)).sum(0).sum(1).to(torch.float64)
+    tail = z.flip(0, 1).cumsum(0).cumsum(1).flip(0, 1).diagonal()  # tail[r] = sum_{j, l >= r} z[j, l]
+    return _relative(torch.cat([tail, tail.new_zeros(1)]).numpy(), stats.energy)
+
+
+def grouped_output_error(stats: SiteStats, groups: int) -> float:
+    """Relative output error of keeping the block diagonal with ``groups`` groups (``factorize.block_diagonal``):
+    ``trace(dW G dW^T) = trace(W G W^T) - 2 trace(W_kept G W^T) + trace(W_kept G W_kept^T)``, the last one
+    block by block."""
+    big_g, m, d = stats.weight.shape
+    q = groups // big_g
+    mo, dc = m // q, d // q
+    w = torch.diagonal(stats.weight.reshape(big_g, q, mo, q, dc), dim1=1, dim2=3)  # (G, mo, dc, q)
+    wg = torch.diagonal(stats.weight_times_gram.reshape(big_g, q, mo, q, dc), dim1=1, dim2=3)
+    blocks = torch.diagonal(stats.gram.reshape(big_g, q, dc, q, dc), dim1=1, dim2=3).permute(0, 3, 1, 2)
+    kept = w.permute(0, 3, 1, 2)  # (G, q, mo, dc)
+    total = float((stats.weight * stats.weight_times_gram).sum())
+    q_err = total - 2 * float((w * wg).sum()) + float(((kept @ blocks) * kept).sum())
+    return _relative(q_err, stats.energy)
+
+
+def tucker2_output_errors(stats: SiteStats, u: Tensor, v: Tensor, ranks: Sequence[int]) -> list[float]:
+    """Relative output errors of the truncated HOSVD ``W ~ U_r U_r^T W x_I V_r V_r^T`` (``u``, ``v``: the full
+    mode-O / mode-I eigenvector bases, descending) for each rank. In the rotated bases the change keeps the core
+    entries ``(p, q)`` with ``p >= r`` or ``q >= r``: rows ``p >= r`` count in full, rows ``p < r`` only on the
+    input channels ``q >= r``, whose quadratic forms are accumulated row by row (chunked to bound memory)."""
+    if stats.weight.shape[0] != 1:
+        raise ValueError("tucker2_output_errors needs an ungrouped conv (the candidate is dense)")
+    o, d = stats.weight.shape[1:]
+    i = v.shape[0]
+    k = d // i
+    y = torch.einsum("oik,op,iq->pqk", stats.weight[0].reshape(o, i, k), u, v)  # the rotated weight (core)
+    g = stats.gram[0].reshape(i, k, i, k)
+    g = torch.einsum("akbl,bz->akzl", g, v)
+    g = torch.einsum("akzl,aq->qkzl", g, v).reshape(d, d)
+    yf = y.reshape(o, d)
+    rows = ((yf @ g) * yf).sum(dim=1)  # full-row quadratic forms
+    suffix = torch.cat([rows.flip(0).cumsum(0).flip(0), rows.new_zeros(1)])  # suffix[p] = sum_{p' >= p}
+    gq = g.reshape(i, k, d)
+    step = max(1, (1 << 25) // max(i * d, 1))  # rows per chunk: the (i, rows, d) product stays ~256 MiB
+    acc = torch.zeros(i, i, dtype=torch.float64)
+    done = 0
+    out = []
+
+    def pair_forms(lo: int, hi: int) -> Tensor:  # (hi-lo, i, i): C_p[q, z] = sum_kl y[p,q,k] g[q,k,z,l] y[p,z,l]
+        t = torch.bmm(y[lo:hi].transpose(0, 1), gq)  # (i, rows, d)
+        t = t.reshape(i, hi - lo, i, k)
+        return (t * y[lo:hi].unsqueeze(0)).sum(dim=-1).permute(1, 0, 2)
+
+    for r in ranks:
+        r_o, r_i = min(r, o), min(r, i)
+        while done < r_o:
+            hi = min(done + step, r_o)
+            acc += pair_forms(done, hi).sum(dim=0)
+            done = hi
+        out.append(_relative(float(suffix[r_o] + acc[r_i:, r_i:].sum()), stats.energy))
+    return out
+
+
 
 
 def _pixels(shape: tuple[int, ...] | None, channels: int) -> int:
@@ -296,17 +590,19 @@ def _pareto_mask(a: np.ndarray) -> np.ndarray:
 
 
 def _separable_candidates(form: str, site: ConvSite, weight: Tensor, group_counts: Iterable[int],
-                          max_rank: int | None, with_groups: bool) -> list[Candidate]:
+                          max_rank: int | None, with_groups: bool, stats: SiteStats | None = None
+                          ) -> list[Candidate]:
     i, o, k, big_g, bias = _dims(site)
     group_counts = list(group_counts)
     if not group_counts:
         return []
     pix = _pixels(site.output_shape, o)
-    total = float(weight.detach().to(torch.float64).square().sum())
-    spectra = group_spectra(weight, big_g, group_counts)
+    if stats is None:
+        total = float(weight.detach().to(torch.float64).square().sum())
+        spectra = group_spectra(weight, big_g, group_counts)
     rows, opts = [], []
     for g in group_counts:
-        errors = _tail_errors(spectra[g], total)
+        errors = _tail_errors(spectra[g], total) if stats is None else separable_output_errors(stats, g)
         full = min(o // big_g, (i // g) * k)
         top = full if max_rank is None else min(full, max_rank)
         r = np.arange(1, top + 1)
@@ -330,11 +626,13 @@ class DepthwiseSeparableForm:
     max_rank: int | None = None
     name: str = "depthwise-separable"
     pass_name: str = "depthwise-separable"
+    calibrated: ClassVar[bool] = True
 
-    def candidates(self, site: ConvSite, weight: Tensor) -> list[Candidate]:
+    def candidates(self, site: ConvSite, weight: Tensor, stats: SiteStats | None = None) -> list[Candidate]:
         if site.blocker is not None or site.reason_for("depthwise-separable") is not None:
             return []
-        return _separable_candidates(self.pass_name, site, weight, [site.spec.in_channels], self.max_rank, False)
+        return _separable_candidates(self.pass_name, site, weight, [site.spec.in_channels], self.max_rank, False,
+                                     stats)
 
 
 @dataclass(frozen=True)
@@ -346,14 +644,15 @@ class GroupedSeparableForm:
     max_rank: int | None = None
     name: str = "grouped-separable"
     pass_name: str = "grouped-separable"
+    calibrated: ClassVar[bool] = True
 
-    def candidates(self, site: ConvSite, weight: Tensor) -> list[Candidate]:
+    def candidates(self, site: ConvSite, weight: Tensor, stats: SiteStats | None = None) -> list[Candidate]:
         if site.blocker is not None or site.reason_for("grouped-separable") is not None:
             return []
         s = site.spec
         options = self.groups if self.groups is not None else range(2, s.in_channels)
         valid = [g for g in options if g != s.groups and g >= 1 and check_groups(site, g, out_divisible=False) is None]
-        return _separable_candidates(self.pass_name, site, weight, valid, self.max_rank, True)
+        return _separable_candidates(self.pass_name, site, weight, valid, self.max_rank, True, stats)
 
 
 @dataclass(frozen=True)
@@ -363,8 +662,9 @@ class GroupedForm:
     groups: tuple[int, ...] | None = None
     name: str = "grouped"
     pass_name: str = "grouped"
+    calibrated: ClassVar[bool] = True
 
-    def candidates(self, site: ConvSite, weight: Tensor) -> list[Candidate]:
+    def candidates(self, site: ConvSite, weight: Tensor, stats: SiteStats | None = None) -> list[Candidate]:
         if site.blocker is not None or site.reason_for("grouped") is not None:
             return []
         i, o, k, big_g, bias = _dims(site)
@@ -377,8 +677,11 @@ class GroupedForm:
         total = float(energy.sum())
         out = []
         for g in valid:
-            kept = float(torch.diagonal(energy.reshape(g, o // g, g, i // g).sum(dim=(1, 3))).sum())
-            err = 0.0 if total <= 0.0 else math.sqrt(max(total - kept, 0.0) / total)
+            if stats is not None:
+                err = grouped_output_error(stats, g)
+            else:
+                kept = float(torch.diagonal(energy.reshape(g, o // g, g, i // g).sum(dim=(1, 3))).sum())
+                err = 0.0 if total <= 0.0 else math.sqrt(max(total - kept, 0.0) / total)
             per_pixel = o * (i // g) * k
             out.append(_candidate(self.pass_name, {"groups": g}, pix * per_pixel, per_pixel + bias, err))
         return out
@@ -390,14 +693,18 @@ class Tucker2Form:
     (or ``max_rank``). The predicted error is that of the truncated HOSVD (top-R left singular vectors of the mode-O
     and mode-I unfoldings, core = projection); the pass starts from the sequentially truncated HOSVD and refines it
     with HOOI, which in practice ends at or below that (it is not a proven bound). The first 1x1 runs at the input
-    resolution (strided convs)."""
+    resolution (strided convs). With calibration statistics the error is that HOSVD's output error; at grouped
+    convs it is not offered then (the dense candidate's output error needs the cross-group input statistics)."""
 
     max_rank: int | None = None
     name: str = "tucker2"
     pass_name: str = "grouped-bottleneck"
+    calibrated: ClassVar[bool] = True
 
-    def candidates(self, site: ConvSite, weight: Tensor) -> list[Candidate]:
+    def candidates(self, site: ConvSite, weight: Tensor, stats: SiteStats | None = None) -> list[Candidate]:
         if site.blocker is not None or site.reason_for("depthwise-separable") is not None:
+            return []
+        if stats is not None and site.spec.groups > 1:
             return []
         i, o, k, big_g, bias = _dims(site)
         w = factorize.dense_weight(weight.detach().to(torch.float64), big_g).reshape(o, i, k)
@@ -411,9 +718,12 @@ class Tucker2Form:
         top = full if self.max_rank is None else min(full, self.max_rank)
         pix_out, pix_in = _pixels(site.output_shape, o), _pixels(site.input_shape, i)
         out = []
+        calibrated = tucker2_output_errors(stats, u, v, range(1, top + 1)) if stats is not None else None
         for r in range(1, top + 1):
             energy = float(kept[min(r, o) - 1, min(r, i) - 1])
             err = 0.0 if r >= full or total <= 0.0 else math.sqrt(min(max(total - energy, 0.0) / total, 1.0))
+            if calibrated is not None:
+                err = 0.0 if r >= full else calibrated[r - 1]
             params = i * r + r * r * k + o * r
             macs = pix_in * i * r + pix_out * (r * r * k + o * r)
             out.append(_candidate(self.pass_name, {"groups": 1, "rank": r}, macs, params + bias, err))
@@ -477,23 +787,21 @@ def _pass_class(pass_name: str) -> type[Any]:
 
 @dataclass(frozen=True)
 class _Problem:
-    """Per site: candidate costs and weighted losses; index 0 is always "keep" (zero loss)."""
+    """Per constraint and site: candidate costs; per site: weighted losses; index 0 is always "keep" (zero loss).
+    The constraints are MACs, params and (latency targets) latency, each with its budget for the sites together
+    (inf: no constraint)."""
 
-    macs: tuple[np.ndarray, ...]
-    params: tuple[np.ndarray, ...]
+    costs: tuple[tuple[np.ndarray, ...], ...]  # costs[c][s]
     errors: tuple[np.ndarray, ...]  # w_s * loss(e_s)
-    macs_budget: float  # for the sites together (inf: no constraint)
-    params_budget: float
+    budgets: tuple[float, ...]
 
-    def totals(self, choice: Sequence[int]) -> tuple[float, float, float]:
-        m = sum(float(self.macs[s][j]) for s, j in enumerate(choice))
-        p = sum(float(self.params[s][j]) for s, j in enumerate(choice))
-        e = sum(float(self.errors[s][j]) for s, j in enumerate(choice))
-        return m, p, e
+    def totals(self, choice: Sequence[int]) -> tuple[list[float], float]:
+        costs = [sum(float(cost[s][j]) for s, j in enumerate(choice)) for cost in self.costs]
+        return costs, sum(float(self.errors[s][j]) for s, j in enumerate(choice))
 
     def feasible(self, choice: Sequence[int]) -> bool:
-        m, p, _ = self.totals(choice)
-        return m <= self.macs_budget and p <= self.params_budget
+        costs, _ = self.totals(choice)
+        return all(c <= b for c, b in zip(costs, self.budgets, strict=True))
 
 
 def _hull(cost: np.ndarray, err: np.ndarray) -> list[int]:
@@ -518,15 +826,15 @@ def _hull(cost: np.ndarray, err: np.ndarray) -> list[int]:
     return chain[::-1]  # keep first
 
 
-def _greedy(p: _Problem, a: float, b: float) -> list[int] | None:
-    """Walk every site's hull of scalar cost ``a*macs + b*params`` by least error per cost saved until feasible."""
-    n = len(p.macs)
-    scalar = [a * p.macs[s] + b * p.params[s] for s in range(n)]
+def _greedy(p: _Problem, scales: Sequence[float]) -> list[int] | None:
+    """Walk every site's hull of the scalar cost ``sum_c scales[c] * cost_c`` by least error per cost saved until
+    every constraint holds."""
+    n = len(p.errors)
+    scalar = [sum(a * p.costs[c][s] for c, a in enumerate(scales) if a) for s in range(n)]
     hulls = [_hull(scalar[s], p.errors[s]) for s in range(n)]
     pos = [0] * n
     choice = [0] * n
-    tot_m = sum(float(p.macs[s][0]) for s in range(n))
-    tot_p = sum(float(p.params[s][0]) for s in range(n))
+    tot = [sum(float(cost[s][0]) for s in range(n)) for cost in p.costs]
     heap: list[tuple[float, int]] = []
 
     def push(s: int) -> None:
@@ -538,13 +846,13 @@ def _greedy(p: _Problem, a: float, b: float) -> list[int] | None:
 
     for s in range(n):
         push(s)
-    while tot_m > p.macs_budget or tot_p > p.params_budget:
+    while any(t > b for t, b in zip(tot, p.budgets, strict=True)):
         if not heap:
             return None
         _, s = heapq.heappop(heap)
         old, new = hulls[s][pos[s]], hulls[s][pos[s] + 1]
-        tot_m += float(p.macs[s][new] - p.macs[s][old])
-        tot_p += float(p.params[s][new] - p.params[s][old])
+        for c, cost in enumerate(p.costs):
+            tot[c] += float(cost[s][new] - cost[s][old])
         pos[s] += 1
         choice[s] = new
         push(s)
@@ -563,20 +871,22 @@ def _repair(p: _Problem, choice: list[int]) -> list[int]:
     """Spend the slack: repeatedly apply the single-site change that lowers the error most and still fits."""
     if not choice:
         return choice
-    macs, params, errors = _padded(p.macs, np.inf), _padded(p.params, np.inf), _padded(p.errors, np.inf)
+    costs = [_padded(c, np.inf) for c in p.costs]
+    errors = _padded(p.errors, np.inf)
     rows = np.arange(len(choice))
     cur = np.array(choice)
     while True:
-        # first, each site to its cheapest candidate that is no worse in error and in both costs
-        no_worse = ((errors <= errors[rows, cur][:, None]) & (macs <= macs[rows, cur][:, None])
-                    & (params <= params[rows, cur][:, None]))
-        least = np.where(no_worse, macs, np.inf).min(axis=1, keepdims=True)
-        cur = np.argmin(np.where(no_worse & (macs == least), params, np.inf), axis=1)
-        tot_m, tot_p = macs[rows, cur].sum(), params[rows, cur].sum()
-        d_m = macs - macs[rows, cur][:, None]
-        d_p = params - params[rows, cur][:, None]
+        # first, each site to its cheapest candidate (by MACs, then params, then latency) no worse in error and cost
+        mask = errors <= errors[rows, cur][:, None]
+        for c in costs:
+            mask &= c <= c[rows, cur][:, None]
+        for c in costs:
+            mask &= c == np.where(mask, c, np.inf).min(axis=1, keepdims=True)
+        cur = np.argmax(mask, axis=1)
         gain = errors[rows, cur][:, None] - errors
-        ok = (tot_m + d_m <= p.macs_budget) & (tot_p + d_p <= p.params_budget) & (gain > _EPS)
+        ok = gain > _EPS
+        for c, budget in zip(costs, p.budgets, strict=True):
+            ok &= c[rows, cur].sum() + (c - c[rows, cur][:, None]) <= budget
         if not ok.any():
             return [int(j) for j in cur]
         score = np.where(ok, gain, -np.inf)
@@ -584,11 +894,10 @@ def _repair(p: _Problem, choice: list[int]) -> list[int]:
         cur[s] = j
 
 
-def _dp(p: _Problem, buckets: int, use_macs: bool) -> list[int] | None:
-    """Multiple-choice knapsack by DP on one constraint (MACs or params), costs rounded up to ``budget / buckets``
-    units."""
-    costs = p.macs if use_macs else p.params
-    budget = p.macs_budget if use_macs else p.params_budget
+def _dp(p: _Problem, buckets: int, constraint: int) -> list[int] | None:
+    """Multiple-choice knapsack by DP on one constraint, costs rounded up to ``budget / buckets`` units."""
+    costs = p.costs[constraint]
+    budget = p.budgets[constraint]
     if budget < 0:
         return None
     integral = all(np.all(c == np.floor(c)) and np.all(np.abs(c) < 2**62) for c in costs)
@@ -624,54 +933,74 @@ def _dp(p: _Problem, buckets: int, use_macs: bool) -> list[int] | None:
     return choice
 
 
+def _scales(binding: Sequence[int], need: Sequence[float], n: int) -> list[list[float]]:
+    """Greedy scalarisations: the binding constraint alone, or points inside the simplex of the binding ones, each
+    normalised by how much that constraint must save."""
+    points: list[tuple[float, ...]]
+    if len(binding) == 1:
+        points = [(1.0,)]
+    elif len(binding) == 2:
+        points = [(t, 1.0 - t) for t in (0.1, 0.3, 0.5, 0.7, 0.9)]
+    else:
+        points = [(a / 6, b / 6, (6 - a - b) / 6) for a in range(1, 5) for b in range(1, 6 - a)]
+    out = []
+    for pt in points:
+        row = [0.0] * n
+        for c, w in zip(binding, pt, strict=True):
+            row[c] = w / need[c]
+        out.append(row)
+    return out
+
+
 def optimise(macs: Sequence[Sequence[float]], params: Sequence[Sequence[float]], errors: Sequence[Sequence[float]],
-             macs_budget: float = math.inf, params_budget: float = math.inf, *, method: str = "auto",
-             buckets: int | None = None) -> list[int] | None:
-    """The multiple-choice knapsack on its own: per site, candidate costs and (weighted) losses with
-    candidate 0 the zero-error "keep"; returns the chosen index per site with sum(macs) <= macs_budget and
-    sum(params) <= params_budget and the least total error found, or None when none is feasible.
+             macs_budget: float = math.inf, params_budget: float = math.inf, *,
+             latency: Sequence[Sequence[float]] | None = None, latency_budget: float = math.inf,
+             method: str = "auto", buckets: int | None = None) -> list[int] | None:
+    """The multiple-choice knapsack on its own: per site, candidate costs (MACs, params and optionally latency)
+    and (weighted) losses with candidate 0 the zero-error "keep"; returns the chosen index per site with every sum
+    within its budget and the least total error found, or None when none is feasible.
 
     >>> optimise([[4, 2, 1], [4, 3, 1]], [[0, 0, 0], [0, 0, 0]], [[0, 1, 3], [0, 0.5, 4]], macs_budget=5)
     [1, 1]
+    >>> optimise([[4, 2, 1], [4, 3, 1]], [[0, 0, 0], [0, 0, 0]], [[0, 1, 3], [0, 0.5, 4]],
+    ...          latency=[[3.0, 2.5, 1.0], [3.0, 1.0, 0.5]], latency_budget=4.0)
+    [0, 1]
     """
     if method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+    tables = [macs, params] + ([latency] if latency is not None else [])
+    budgets = [macs_budget, params_budget] + ([latency_budget] if latency is not None else [])
     zeroed = (np.asarray(x, dtype=np.float64) for x in errors)
-    p = _Problem(tuple(np.asarray(x, dtype=np.float64) for x in macs),
-                 tuple(np.asarray(x, dtype=np.float64) for x in params),
-                 tuple(np.where(x < _ZERO, 0.0, x) for x in zeroed), float(macs_budget), float(params_budget))
-    n = len(p.macs)
+    p = _Problem(tuple(tuple(np.asarray(x, dtype=np.float64) for x in t) for t in tables),
+                 tuple(np.where(x < _ZERO, 0.0, x) for x in zeroed), tuple(float(b) for b in budgets))
+    n = len(p.errors)
     if n == 0:
         return [] if p.feasible([]) else None
     found: list[list[int]] = []
-    need_m = sum(float(x[0]) for x in p.macs) - p.macs_budget  # > 0: the constraint binds
-    need_p = sum(float(x[0]) for x in p.params) - p.params_budget
-    if need_m <= 0 and need_p <= 0:
+    need = [sum(float(x[0]) for x in cost) - budget for cost, budget in zip(p.costs, p.budgets, strict=True)]
+    binding = [c for c, v in enumerate(need) if v > 0]
+    if not binding:
         return [0] * n  # keeping everything fits
-    one = need_m <= 0 or need_p <= 0
+    one = len(binding) == 1
     if method == "dp" and not one:
-        raise ConfigError("method='dp' handles one binding constraint (macs or params); use 'greedy' or 'auto' "
-                          "when both bind")
+        raise ConfigError("method='dp' handles one binding constraint (macs, params or latency); use 'greedy' or "
+                          "'auto' when several bind")
     if method in ("auto", "greedy"):
-        if one:
-            scales = [(1.0, 0.0)] if need_m > 0 else [(0.0, 1.0)]
-        else:
-            scales = [(t / need_m, (1.0 - t) / need_p) for t in (0.1, 0.3, 0.5, 0.7, 0.9)]
-        for a, b in scales:
-            choice = _greedy(p, a, b)
+        for scales in _scales(binding, need, len(p.costs)):
+            choice = _greedy(p, scales)
             if choice is not None:
                 found.append(_repair(p, choice))
     if one and method in ("auto", "dp"):
         if buckets is None:
-            work = sum(len(x) for x in p.macs)
+            work = sum(len(x) for x in p.errors)
             buckets = int(min(1 << 16, max(1 << 12, 4e7 // max(work, 1))))
-        choice = _dp(p, buckets, use_macs=need_m > 0)
+        choice = _dp(p, buckets, binding[0])
         if choice is not None and p.feasible(choice):
             found.append(_repair(p, choice))
     found = [c for c in found if p.feasible(c)]
     if not found:
         return None
-    return min(found, key=lambda c: p.totals(c)[2])
+    return min(found, key=lambda c: p.totals(c)[1])
 
 
 # -------------------------------------------------------------------------------------------------------- the plan
@@ -679,7 +1008,9 @@ def optimise(macs: Sequence[Sequence[float]], params: Sequence[Sequence[float]],
 
 @dataclass(frozen=True)
 class SiteChoice:
-    """The chosen candidate at one site, its cost before, its importance weight and how many candidates it had."""
+    """The chosen candidate at one site, its cost before, its importance weight and how many candidates it had;
+    with a latency target also the original conv's latency and how many measured candidates were pruned for not
+    being faster than it."""
 
     site: str
     candidate: Candidate
@@ -687,6 +1018,8 @@ class SiteChoice:
     params_before: int
     weight: float = 1.0
     candidates: int = 1
+    latency_before_ms: float | None = None
+    pruned_slower: int = 0
 
     @property
     def changed(self) -> bool:
@@ -697,17 +1030,24 @@ class SiteChoice:
         return self.candidate.rel_error
 
     def to_dict(self) -> dict[str, Any]:
-        return {"site": self.site, **self.candidate.to_dict(), "macs_before": self.macs_before,
-                "params_before": self.params_before, "weight": self.weight, "candidates": self.candidates}
+        out = {"site": self.site, **self.candidate.to_dict(), "macs_before": self.macs_before,
+               "params_before": self.params_before, "weight": self.weight, "candidates": self.candidates}
+        if self.latency_before_ms is not None:
+            out |= {"latency_before_ms": self.latency_before_ms, "pruned_slower": self.pruned_slower}
+        return out
 
 
 @dataclass(frozen=True)
 class BudgetPlan:
     """Per-site choices meeting ``target``; model totals before and (predicted by the cost model) after.
 
-    ``objective`` is the value of the objective named ``objective_name`` (see the module docstring). ``apply(gm)``
-    runs the passes with one exact-name rule per changed site (``rules()`` / ``pipeline()`` give them), so the result
-    replays with ``fxrewrite.apply_plan``.
+    ``objective`` is the value of the objective named ``objective_name`` (see the module docstring); the errors are
+    ``error_metric``: ``"weight"`` (data-free) or ``"output"`` (calibration). ``apply(gm)`` runs the passes with one
+    exact-name rule per changed site (``rules()`` / ``pipeline()`` give them), so the result replays with
+    ``fxrewrite.apply_plan``. With a latency target, ``latency_before_ms`` / ``latency_after_ms`` are the summed
+    measured latencies of the conv sites before and (predicted from the per-layer figures) after, and
+    ``latency_info`` says how they were measured; ``latency_check(report)`` compares the prediction with a
+    whole-model measurement.
     """
 
     target: Target
@@ -722,6 +1062,10 @@ class BudgetPlan:
     seconds: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     excluded: tuple[tuple[str, str], ...] = ()  # (site, why it has no candidates)
     objective_name: str = "log-cosine"
+    error_metric: str = "weight"
+    latency_before_ms: float | None = None
+    latency_after_ms: float | None = None
+    latency_info: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def macs_fraction(self) -> float:
@@ -732,8 +1076,37 @@ class BudgetPlan:
         return self.params_after / self.params_before if self.params_before else 1.0
 
     @property
+    def latency_fraction(self) -> float | None:
+        if self.latency_before_ms is None or self.latency_after_ms is None or self.latency_before_ms <= 0:
+            return None
+        return self.latency_after_ms / self.latency_before_ms
+
+    @property
     def changed(self) -> tuple[SiteChoice, ...]:
         return tuple(c for c in self.choices if c.changed)
+
+    def latency_check(self, report: Any) -> dict[str, Any] | None:
+        """Predicted vs measured whole-model latency, from a ``fxrewrite.latency.LatencyReport`` of the original and
+        the rewritten model on the plan's backend (``cuda``: the report's eager figures on a GPU). The prediction
+        is the measured original minus the per-site savings of the plan. None without a latency target or without
+        an ``ok`` figure for the backend."""
+        if self.latency_before_ms is None or self.latency_after_ms is None or report is None:
+            return None
+        backend = self.target.backend
+        if backend == "cuda":
+            if not str(getattr(report, "device", "")).startswith("cuda"):
+                return None
+            backend = "eager"
+        timing = next((b for b in report.backends if b.backend == backend and b.status == "ok"), None)
+        if timing is None or timing.original_ms is None or timing.rewritten_ms is None:
+            return None
+        predicted = timing.original_ms - (self.latency_before_ms - self.latency_after_ms)
+        return {"backend": self.target.backend, "threads": report.threads,
+                "plan_threads": self.latency_info.get("threads"), "measured_original_ms": timing.original_ms,
+                "measured_rewritten_ms": timing.rewritten_ms, "predicted_rewritten_ms": predicted,
+                "predicted_over_measured": predicted / timing.rewritten_ms if timing.rewritten_ms > 0 else None,
+                "measured_fraction": timing.ratio,
+                "predicted_fraction": predicted / timing.original_ms if timing.original_ms > 0 else None}
 
     def rules(self) -> dict[str, list[Rule]]:
         """Per pass name (in the order the plan applies them), one exact-name rule per site with its options."""
@@ -788,10 +1161,11 @@ class BudgetPlan:
         shapes = tuple(tuple(int(d) for d in s) for s in input_shapes) if input_shapes is not None else None
         return RewritePlan(entries, shapes)
 
-    def to_dict(self, result: Any = None) -> dict[str, Any]:
+    def to_dict(self, result: Any = None, latency: Any = None) -> dict[str, Any]:
         """The plan as plain data. With the ``RewriteResult`` / ``PassResult`` of applying it, every site also gets
         ``measured_rel_error`` (the weight error the pass reports) and, when verified, ``measured_output_rel_l2``
-        (the site's local output error)."""
+        (the site's local output error). With a latency target, ``latency`` has the per-layer totals and, given a
+        ``LatencyReport`` (``latency=`` or ``result.latency``), the predicted vs measured model latency."""
         weight_err, out_err = _measured(result)
         sites = []
         for c in self.choices:
@@ -806,11 +1180,20 @@ class BudgetPlan:
                 "macs_before": self.macs_before, "macs_after": self.macs_after,
                 "params_before": self.params_before, "params_after": self.params_after,
                 "macs_fraction": self.macs_fraction, "params_fraction": self.params_fraction,
-                "seconds": dict(self.seconds), "sites": sites,
-                "excluded": [{"site": s, "reason": r} for s, r in self.excluded]}
+                "error_metric": self.error_metric, "seconds": dict(self.seconds), "sites": sites,
+                "excluded": [{"site": s, "reason": r} for s, r in self.excluded]} | self._latency_dict(result, latency)
 
-    def to_json(self, indent: int | None = 2, result: Any = None) -> str:
-        return json.dumps(self.to_dict(result), indent=indent)
+    def _latency_dict(self, result: Any, latency: Any) -> dict[str, Any]:
+        if self.latency_before_ms is None:
+            return {}
+        check = self.latency_check(latency if latency is not None else getattr(result, "latency", None))
+        return {"latency": {"sites_before_ms": self.latency_before_ms, "sites_after_ms": self.latency_after_ms,
+                            "sites_fraction": self.latency_fraction, **self.latency_info,
+                            "pruned_slower": sum(c.pruned_slower for c in self.choices),
+                            "model": check}}
+
+    def to_json(self, indent: int | None = 2, result: Any = None, latency: Any = None) -> str:
+        return json.dumps(self.to_dict(result, latency), indent=indent)
 
     def save(self, path: str | Path, result: Any = None, input_shapes: Sequence[Sequence[int]] | None = None
              ) -> Path:
@@ -824,27 +1207,44 @@ class BudgetPlan:
         doc = self.to_rewrite_plan(input_shapes).to_dict() | {"budget": self.to_dict(result)}
         return atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
 
-    def table(self, result: Any = None, tablefmt: str = "simple") -> str:
-        """Per-site choice, cost and predicted error; with a ``RewriteResult`` (or ``PassResult``) also the
-        measured weight error and, when verified, the measured local output error (rel. L2)."""
+    def table(self, result: Any = None, tablefmt: str = "simple", latency: Any = None) -> str:
+        """Per-site choice, cost and predicted error (and, with a latency target, latency before / after and the
+        candidates pruned as not faster); with a ``RewriteResult`` (or ``PassResult``) also the measured weight
+        error and, when verified, the measured local output error (rel. L2)."""
         measured_w, measured_out = _measured(result)
+        timed = self.latency_before_ms is not None
         rows = []
         for c in self.choices:
             row = [c.site, c.candidate.spec(), f"{c.macs_before:,}", f"{c.candidate.macs:,}",
                    f"{c.params_before:,}", f"{c.candidate.params:,}", f"{c.predicted_rel_error:.4f}"]
+            if timed:
+                row += [f"{c.latency_before_ms:.3f}", f"{c.candidate.latency_ms:.3f}", c.pruned_slower]
             if result is not None:
                 w = measured_w.get(c.site)
                 row += ["" if w is None else f"{w:.4f}",
                         f"{measured_out[c.site]:.4f}" if c.site in measured_out else ""]
             rows.append(row)
-        headers = ["site", "choice", "MACs before", "MACs after", "params before", "params after", "pred. w-err"]
+        err = "pred. w-err" if self.error_metric == "weight" else "pred. out-err"
+        headers = ["site", "choice", "MACs before", "MACs after", "params before", "params after", err]
+        if timed:
+            headers += ["ms before", "ms after", "pruned"]
         if result is not None:
             headers += ["meas. w-err", "meas. out-err"]
         head = (f"budget plan ({self.target.describe()}; {self.method}): MACs {self.macs_before:,} -> "
                 f"{self.macs_after:,} ({self.macs_fraction:.3f}x), params {self.params_before:,} -> "
                 f"{self.params_after:,} ({self.params_fraction:.3f}x); {self.objective_name} objective "
-                f"{self.objective:.4g}; "
+                f"{self.objective:.4g} ({self.error_metric} errors); "
                 f"{len(self.changed)} of {len(self.choices)} candidate sites changed")
+        if timed:
+            info = self.latency_info
+            head += (f"\nconv-site latency ({info.get('backend')}, {info.get('threads')} thread(s), median of "
+                     f"{info.get('runs')} after {info.get('warmup')} warm-up): {self.latency_before_ms:.3f} ms -> "
+                     f"{self.latency_after_ms:.3f} ms ({self.latency_fraction:.3f}x) predicted")
+            check = self.latency_check(latency if latency is not None else getattr(result, "latency", None))
+            if check is not None:
+                head += (f"; model: measured {check['measured_original_ms']:.3f} ms -> "
+                         f"{check['measured_rewritten_ms']:.3f} ms, predicted {check['predicted_rewritten_ms']:.3f} "
+                         f"ms (predicted / measured {check['predicted_over_measured']:.3f})")
         return head + "\n" + tabulate(rows, headers=headers, tablefmt=tablefmt)
 
     def __str__(self) -> str:
@@ -892,12 +1292,15 @@ def _weights_of(gm: torch.fx.GraphModule, site: ConvSite) -> Tensor | None:
     return None if w.is_meta else w
 
 
-def _prune(cands: list[Candidate]) -> list[Candidate]:
-    """Drop candidates another one dominates (no more MACs, no more params, no more error, and less of one) and
-    exact duplicates; keep (index 0) always stays first."""
+def _prune(cands: list[Candidate], timed: bool = False) -> list[Candidate]:
+    """Drop candidates another one dominates (no more MACs, params, latency when ``timed``, or error, and less of
+    one) and exact duplicates; keep (index 0) always stays first."""
     keep = cands[0]
-    rest = [c for c in cands[1:] if c.macs < keep.macs or c.params < keep.params]
-    a = np.array([[c.macs, c.params, c.rel_error] for c in rest], dtype=np.float64).reshape(-1, 3)
+    rest = [c for c in cands[1:] if c.macs < keep.macs or c.params < keep.params
+            or (timed and c.latency_ms is not None and keep.latency_ms is not None and c.latency_ms < keep.latency_ms)]
+    cols = [lambda c: c.macs, lambda c: c.params] + ([lambda c: c.latency_ms] if timed else []) + [
+        lambda c: c.rel_error]
+    a = np.array([[f(c) for f in cols] for c in rest], dtype=np.float64).reshape(-1, len(cols))
     kept = [c for c, ok in zip(rest, _pareto_mask(a), strict=True) if ok]
     return [keep, *sorted(kept, key=lambda c: (c.macs, c.params))]
 
@@ -909,14 +1312,22 @@ def _fmt(n: float) -> str:
     return f"{n:.0f}"
 
 
-def _infeasible(target: Target, what: str, frac: float, before: int, fixed: int, minimum: int, n_sites: int,
+def _infeasible(target: Target, what: str, frac: float, before: float, fixed: float, minimum: float, n_sites: int,
                 forms: Sequence[str], excluded: Sequence[tuple[str, str]]) -> BudgetInfeasible:
     reachable = (fixed + minimum) / before if before else 1.0
-    label = "MACs" if what == "macs" else what
-    why = [f"target {what} <= {frac:g}x cannot be met: the original has {_fmt(before)} {label}, so the "
-           f"budget is {_fmt(frac * before)}; the cheapest plan with forms {', '.join(forms)} reaches "
-           f"{_fmt(fixed + minimum)} ({reachable:.4f}x): {_fmt(fixed)} are outside the {n_sites} rewritable sites "
-           f"(linear layers, ineligible or unselected convolutions) and those sites cost at least {_fmt(minimum)}."]
+    if what == "latency":
+        why = [f"target latency <= {frac:g}x cannot be met on {target.backend}: the conv sites of the original take "
+               f"{before:.3f} ms, so the budget is {frac * before:.3f} ms; the fastest plan with forms "
+               f"{', '.join(forms)} reaches {fixed + minimum:.3f} ms ({reachable:.4f}x): {fixed:.3f} ms are in "
+               f"convolutions that cannot be rewritten or have no faster candidate, and the {n_sites} rewritable "
+               f"sites take at least {minimum:.3f} ms."]
+    else:
+        label = "MACs" if what == "macs" else what
+        why = [f"target {what} <= {frac:g}x cannot be met: the original has {_fmt(before)} {label}, so the "
+               f"budget is {_fmt(frac * before)}; the cheapest plan with forms {', '.join(forms)} reaches "
+               f"{_fmt(fixed + minimum)} ({reachable:.4f}x): {_fmt(fixed)} are outside the {n_sites} rewritable "
+               f"sites (linear layers, ineligible or unselected convolutions) and those sites cost at least "
+               f"{_fmt(minimum)}."]
     if excluded:
         shown = "; ".join(f"{s}: {r}" for s, r in excluded[:3])
         why.append(f"Not rewritable: {shown}{' ...' if len(excluded) > 3 else ''}.")
@@ -924,15 +1335,81 @@ def _infeasible(target: Target, what: str, frac: float, before: int, fixed: int,
     return BudgetInfeasible(" ".join(why))
 
 
+def _site_candidates(site: ConvSite, weight: Tensor, forms: Sequence[Form], stats: SiteStats | None
+                     ) -> list[Candidate]:
+    cands = [_candidate(KEEP, {}, site.macs, site.params, 0.0)]
+    with _one_thread() if stats is None else contextlib.nullcontext():  # calibration: large GEMMs, all threads
+        for f in forms:
+            cands.extend(f.candidates(site, weight) if stats is None else f.candidates(site, weight, stats))  # type: ignore[call-arg]
+    return _prune(cands)
+
+
+@dataclass(frozen=True)
+class _Timed:
+    """Latency-mode results: per site the original conv's latency, candidates pruned as not faster, and counts."""
+
+    keep_ms: Mapping[str, float]
+    pruned: Mapping[str, int]
+    off_grid: int
+    configs: int
+
+
+def _time_candidates(considered: list[tuple[ConvSite, list[Candidate]]], sites: Sequence[ConvSite],
+                     timing: Any) -> tuple[list[tuple[ConvSite, list[Candidate]]], _Timed]:
+    """Measure (or look up) every site's original conv and every candidate once per distinct configuration; drop
+    candidates not faster than the original (counted per site) and those off the rank grid (``rank_grid``)."""
+    from fxrewrite.layer_latency import LayerConfig, build_module, on_rank_grid
+    refs = {s.name: LayerConfig.of(s) for s in sites}
+    groups: dict[Any, list[Any]] = {ref: [] for ref in refs.values()}
+    builders: dict[Any, Callable[[], nn.Module]] = {}
+    wanted: list[list[tuple[Candidate, Any]]] = []
+    off_grid = 0
+    for site, cands in considered:
+        ref = refs[site.name]
+        rows = []
+        for c in cands[1:]:
+            if timing.rank_grid and "rank" in c.options and not on_rank_grid(int(c.options["rank"])):
+                off_grid += 1
+                continue
+            cfg = ref.replace_form(c.form, c.options)
+            groups[ref].append(cfg)
+            builders.setdefault(cfg, functools.partial(build_module, cfg, site))
+            rows.append((c, cfg))
+        wanted.append(rows)
+    values = timing.latencies(groups, builders)
+    keep_ms = {name: values[ref] for name, ref in refs.items()}
+    pruned: dict[str, int] = {}
+    out = []
+    for (site, cands), rows in zip(considered, wanted, strict=True):
+        base = keep_ms[site.name]
+        faster = [dataclasses.replace(c, latency_ms=values[cfg]) for c, cfg in rows if values[cfg] < base]
+        pruned[site.name] = len(rows) - len(faster)
+        out.append((site, _prune([dataclasses.replace(cands[0], latency_ms=base), *faster], timed=True)))
+    n_configs = len(groups) + len({c for v in groups.values() for c in v})
+    return out, _Timed(MappingProxyType(keep_ms), MappingProxyType(pruned), off_grid, n_configs)
+
+
 def choose_plan(gm: torch.fx.GraphModule, target: Target, forms: str | Iterable[str | Form] = DEFAULT_FORMS, *,
                 select: Any = None, weights: Mapping[str, float] | None = None, method: str = "auto",
-                objective: str = "log-cosine", buckets: int | None = None) -> BudgetPlan:
+                objective: str = "log-cosine", buckets: int | None = None, calibration: Iterable[Any] | None = None,
+                input_fn: Callable[[Any], Sequence[Any]] | None = None, latency: Any = None,
+                max_gram_bytes: int = 1 << 30) -> BudgetPlan:
     """Choose one candidate per site (or keep it) so that the model meets ``target`` with the least objective,
     ``sum(w_s * loss(e_s))`` (see the module docstring). ``gm`` must carry shapes (``propagate_shapes``); nothing is
     changed. ``forms``: names, Form objects or a comma-separated string (``parse_forms``). ``select`` restricts the
     sites (names, globs, ``Rule``s as in ``fxrewrite.select``); ``weights`` maps site names to importance weights
     (default 1); ``method`` and ``objective``: see the module docstring. Raises ``BudgetInfeasible`` when no plan
     meets the target.
+
+    ``calibration`` (input tuples or tensors, read once per chunk of sites whose Gram matrices fit
+    ``max_gram_bytes``; ``input_fn`` maps items to inputs): each candidate's error is then its relative output
+    error on these activations, ``sqrt(trace(dW G dW^T) / sum ||y||^2)`` with ``G`` the Gram of the site's unfolded
+    input (``collect_site_stats``), instead of the weight error.
+
+    ``target.latency``: every site's original conv and every candidate are timed once per distinct configuration
+    on ``target.backend`` (``latency``: a ``fxrewrite.layer_latency.LayerLatency`` with the runs, threads, cache
+    and timer; default ``LayerLatency(backend=target.backend)``); a candidate not faster than the original conv is
+    never chosen, and the summed site latencies stay within the target.
     """
     if not isinstance(target, Target):
         raise ConfigError(f"target must be a fxrewrite.budget.Target, got {type(target).__name__}")
@@ -940,19 +1417,25 @@ def choose_plan(gm: torch.fx.GraphModule, target: Target, forms: str | Iterable[
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    timing = _timing(target, latency)
     start = time.perf_counter()
     form_objs = parse_forms(forms) if isinstance(forms, str) else [make_form(f) for f in forms]
     if not form_objs:
         raise ConfigError(f"choose_plan needs at least one form; valid: {', '.join(_FORMS)}")
     for f in form_objs:
         _pass_class(f.pass_name)
+    if calibration is not None:
+        blind = [f.name for f in form_objs if not getattr(f, "calibrated", False)]
+        if blind:
+            raise ConfigError(f"form(s) {blind} cannot predict output errors from calibration data (they need "
+                              "`calibrated = True` and candidates(site, weight, stats)); drop them or calibration=")
     weights = dict(weights or {})
     bad = {k: v for k, v in weights.items() if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0)}
     if bad:
         raise ConfigError(f"weights must be finite numbers >= 0, got {bad}")
     sites = find_sites(gm)
-    if any(s.output_shape is None for s in sites):
-        missing = next(s.name for s in sites if s.output_shape is None)
+    if any(s.output_shape is None or s.input_shape is None for s in sites):
+        missing = next(s.name for s in sites if s.output_shape is None or s.input_shape is None)
         raise ConfigError(f"site {missing!r} has no shape: run fxrewrite.shapes.propagate_shapes(gm, inputs) before "
                           "choose_plan (rewrite(..., target=...) does this for you)")
     unknown = sorted(set(weights) - {s.name for s in sites})
@@ -961,40 +1444,56 @@ def choose_plan(gm: torch.fx.GraphModule, target: Target, forms: str | Iterable[
     rules = parse_rules(select)
     selected = {k: v.selected for k, v in resolve(rules, sites).items()} if rules else {}
     before = model_cost(gm)
+    eligible: dict[str, tuple[ConvSite, Tensor]] = {}
+    reasons: dict[str, str] = {}
+    for site in sites:
+        if rules and not selected.get(site.name, False):
+            reasons[site.name] = "not selected"
+        elif site.blocker is not None:
+            reasons[site.name] = str(site.blocker)
+        elif (weight := _weights_of(gm, site)) is None:
+            reasons[site.name] = "meta-weight: no values to factorise"
+        else:
+            eligible[site.name] = (site, weight)
+    found: dict[str, list[Candidate]] = {}
+    if calibration is not None:
+        for site, stats in collect_site_stats(gm, [s for s, _ in eligible.values()], calibration, input_fn=input_fn,
+                                              max_bytes=max_gram_bytes):
+            found[site.name] = _site_candidates(site, eligible[site.name][1], form_objs, stats)
+    else:
+        found = {name: _site_candidates(site, w, form_objs, None) for name, (site, w) in eligible.items()}
     considered: list[tuple[ConvSite, list[Candidate]]] = []
     excluded: list[tuple[str, str]] = []
     for site in sites:
-        if rules and not selected.get(site.name, False):
-            excluded.append((site.name, "not selected"))
-            continue
-        if site.blocker is not None:
-            excluded.append((site.name, str(site.blocker)))
-            continue
-        weight = _weights_of(gm, site)
-        if weight is None:
-            excluded.append((site.name, "meta-weight: no values to factorise"))
-            continue
-        keep = _candidate(KEEP, {}, site.macs, site.params, 0.0)
-        cands = [keep]
-        with _one_thread():
-            for f in form_objs:
-                cands.extend(f.candidates(site, weight))
-        cands = _prune(cands)
-        if len(cands) == 1:
-            reasons = sorted({str(r) for _, r in site.eligibility if r is not None})
-            excluded.append((site.name, "; ".join(reasons) or "no cheaper candidate"))
-            continue
-        considered.append((site, cands))
+        if site.name in reasons:
+            excluded.append((site.name, reasons[site.name]))
+        elif len(found[site.name]) == 1:
+            why = sorted({str(r) for _, r in site.eligibility if r is not None})
+            excluded.append((site.name, "; ".join(why) or "no cheaper candidate"))
+        else:
+            considered.append((site, found[site.name]))
     t_candidates = time.perf_counter() - start
+    timed = None
+    if timing is not None:
+        considered, timed = _time_candidates(considered, sites, timing)
+        slow = [s.name for s, cands in considered if len(cands) == 1]
+        excluded += [(n, f"no candidate is faster than the original on {target.backend} ({timed.pruned[n]} "
+                      "measured)") for n in slow]
+        considered = [(s, cands) for s, cands in considered if len(cands) > 1]
+    t_latency = time.perf_counter() - start - t_candidates
 
     fixed_m = before.macs - sum(s.macs for s, _ in considered)
     fixed_p = before.params - sum(s.params for s, _ in considered)
     budget_m = math.floor(target.macs * before.macs) if target.macs is not None else math.inf
     budget_p = math.floor(target.params * before.params) if target.params is not None else math.inf
+    lat_before = sum(timed.keep_ms.values()) if timed is not None else 0.0
+    fixed_l = lat_before - sum(timed.keep_ms[s.name] for s, _ in considered) if timed is not None else 0.0
+    budget_l = target.latency * lat_before if target.latency is not None else math.inf
     names = [f.name for f in form_objs]
-    for what, frac, budget, fixed, total, key in (("macs", target.macs, budget_m, fixed_m, before.macs, "macs"),
-                                                  ("params", target.params, budget_p, fixed_p, before.params,
-                                                   "params")):
+    for what, frac, budget, fixed, total, key in (
+            ("macs", target.macs, budget_m, fixed_m, before.macs, "macs"),
+            ("params", target.params, budget_p, fixed_p, before.params, "params"),
+            ("latency", target.latency, budget_l, fixed_l, lat_before, "latency_ms")):
         if frac is None:
             continue
         minimum = sum(min(getattr(c, key) for c in cands) for _, cands in considered)
@@ -1005,15 +1504,43 @@ def choose_plan(gm: torch.fx.GraphModule, target: Target, forms: str | Iterable[
                       [[c.params for c in cands] for _, cands in considered],
                       [[wi * _site_loss(c.rel_error, objective) for c in cands]
                        for wi, (_, cands) in zip(w, considered, strict=True)],
-                      budget_m - fixed_m, budget_p - fixed_p, method=method, buckets=buckets)
+                      budget_m - fixed_m, budget_p - fixed_p,
+                      latency=[[c.latency_ms for c in cands] for _, cands in considered] if timed else None,
+                      latency_budget=budget_l - fixed_l, method=method, buckets=buckets)
     if choice is None:
         raise BudgetInfeasible(f"target {target.describe()} cannot be met jointly with forms {', '.join(names)}: "
-                               "each bound is reachable on its own but no plan found meets both; relax one of them.")
-    choices = tuple(SiteChoice(s.name, cands[j], s.macs, s.params, wi, len(cands))
+                               "each bound is reachable on its own but no plan found meets all of them; relax one.")
+    choices = tuple(SiteChoice(s.name, cands[j], s.macs, s.params, wi, len(cands),
+                               timed.keep_ms[s.name] if timed else None, timed.pruned[s.name] if timed else 0)
                     for (s, cands), j, wi in zip(considered, choice, w, strict=True))
     macs_after = fixed_m + sum(c.candidate.macs for c in choices)
     params_after = fixed_p + sum(c.candidate.params for c in choices)
     value = sum(c.weight * _site_loss(c.predicted_rel_error, objective) for c in choices)
-    seconds = {"candidates": t_candidates, "optimise": time.perf_counter() - start - t_candidates}
+    seconds = {"candidates": t_candidates, "optimise": time.perf_counter() - start - t_candidates - t_latency}
+    extra: dict[str, Any] = {"error_metric": "output" if calibration is not None else "weight"}
+    if timed is not None:
+        seconds["latency"] = t_latency
+        extra |= {"latency_before_ms": lat_before,
+                  "latency_after_ms": fixed_l + sum(float(c.candidate.latency_ms or 0.0) for c in choices),
+                  "latency_info": MappingProxyType(timing.describe() | {  # type: ignore[union-attr]
+                      "configs": timed.configs, "off_grid": timed.off_grid})}
     return BudgetPlan(target, choices, before.macs, before.params, macs_after, params_after, value, method,
-                      tuple(names), MappingProxyType(seconds), tuple(excluded), objective_name=objective)
+                      tuple(names), MappingProxyType(seconds), tuple(excluded), objective_name=objective, **extra)
+
+
+def _timing(target: Target, latency: Any) -> Any:
+    """The LayerLatency of a latency target (None without one)."""
+    from fxrewrite.layer_latency import LayerLatency
+    if latency is not None and not isinstance(latency, LayerLatency):
+        raise ConfigError(f"latency= must be a fxrewrite.layer_latency.LayerLatency, got {type(latency).__name__}")
+    if target.latency is None:
+        if latency is not None:
+            raise ConfigError("latency= says how to measure layers, but the target has no latency bound: use "
+                              "Target(latency=...)")
+        return None
+    if latency is None:
+        return LayerLatency(backend=target.backend)
+    if latency.backend != target.backend:
+        raise ConfigError(f"Target(backend={target.backend!r}) and LayerLatency(backend={latency.backend!r}) "
+                          "disagree: set the same backend on both")
+    return latency

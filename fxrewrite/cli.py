@@ -1,6 +1,6 @@
 """The ``fxrewrite`` command line: a thin layer over the Python API.
 
-Subcommands: ``plan`` (dry run), ``rewrite``, ``passes`` (lists every pass with its options and defaults).
+Subcommands: ``plan`` (dry run), ``rewrite``, ``verify`` (rewrite and gate), ``passes`` (every pass with its options).
 ``--json`` prints one JSON document on stdout; logs go to stderr. Errors are one line unless FXREWRITE_DEBUG=1.
 
 Exit codes: 0 ok; 1 verification or gate failed; 2 usage or configuration error; 3 internal error; 4 the model
@@ -35,8 +35,17 @@ EPILOG = """exit codes:
 
 model specs:
   torchvision:NAME           torchvision model with random weights (e.g. torchvision:resnet18)
+  torchvision.KIND:NAME      the same, from one family (detection, segmentation, video, ...)
+  timm:NAME                  timm.create_model(NAME, pretrained=False, **--model-kwargs) (needs `pip install timm`)
   package.module:factory     imports the module and calls factory(**--model-kwargs); this RUNS that code,
                              like torch.hub's trust flag: only use specs you trust
+  FILE.pt2                   a torch.export.save'd program; input shapes default to the exported ones
+  FILE.safetensors --arch SPEC
+  FILE.pt|.pth|.bin|.ckpt --arch SPEC
+                             a state_dict (or a checkpoint with it under 'state_dict' or 'model'): SPEC is built
+                             with random weights (--model-kwargs go to its factory), then the file is loaded strictly
+  FILE.pt --unsafe-load      a torch.save'd whole module: refused by default, since unpickling runs arbitrary code
+                             from the file (exit 4); --unsafe-load only for files you trust
 """
 
 
@@ -65,11 +74,20 @@ def _key_json(text: str) -> tuple[str, Any]:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model spec: torchvision:NAME or package.module:factory")
+    p.add_argument("model", help="model spec: torchvision:NAME, timm:NAME, package.module:factory, FILE.pt2, or a "
+                   "state_dict FILE (.safetensors, .pt, .pth) with --arch (see 'model specs' below)")
     p.add_argument("--input-shape", action="append", type=_shape, metavar="1,3,224,224",
-                   help="shape of one positional input (repeat for several inputs); default 1,3,224,224")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
-    p.add_argument("--model-kwargs", default="{}", help="JSON object passed to the model factory")
+                   help="shape of one positional input (repeat for several inputs); default 1,3,224,224, or the "
+                        "exported shapes of a .pt2 program")
+    p.add_argument("--dtype", default=None, choices=["float32", "float64", "float16", "bfloat16"],
+                   help="dtype of the model and inputs (default float32; a .pt2 program keeps its own)")
+    p.add_argument("--model-kwargs", default="{}", help="JSON object passed to the model factory (of --arch for a "
+                   "state_dict file)")
+    p.add_argument("--arch", default=None, metavar="SPEC",
+                   help="architecture spec of a state_dict model file, e.g. torchvision:resnet18")
+    p.add_argument("--unsafe-load", action="store_true",
+                   help="load a torch.save'd whole module (full pickle: runs arbitrary code from the file); only "
+                        "for files you trust")
     p.add_argument("--concrete-arg", action="append", type=_key_json, default=[], metavar="NAME=JSON",
                    help="fix a non-tensor forward argument for tracing (repeatable)")
     p.add_argument("--leaf-module", action="append", default=[], metavar="QUALNAME",
@@ -105,6 +123,10 @@ def _rewrite_args(p: argparse.ArgumentParser) -> None:
                    help="choose forms and ranks per site so total MACs <= FRACTION x the original (replaces --pass)")
     p.add_argument("--target-params", type=float, default=None, metavar="FRACTION",
                    help="likewise for the parameter count")
+    p.add_argument("--target-latency", type=float, default=None, metavar="FRACTION",
+                   help="likewise for the summed conv latency, each layer configuration timed on --latency-backend")
+    p.add_argument("--latency-backend", default="eager", metavar="BACKEND",
+                   help="backend that --target-latency times: eager (default), channels_last, onnxruntime, cuda")
     p.add_argument("--forms", default=None, help="candidate forms for a target, e.g. 'depthwise-separable,grouped'")
     p.add_argument("--budget-plan", default=None, metavar="FILE.json",
                    help="save the chosen budget plan (replayable with fxrewrite.apply_plan)")
@@ -154,7 +176,7 @@ def _run_model_command(args: argparse.Namespace) -> tuple[str, int]:
     import torch
 
     import fxrewrite
-    from fxrewrite.models import load_model
+    from fxrewrite.models import example_inputs, exported_graph_module, resolve_model
 
     try:
         kwargs = json.loads(args.model_kwargs)
@@ -162,16 +184,21 @@ def _run_model_command(args: argparse.Namespace) -> tuple[str, int]:
         raise UsageError(f"--model-kwargs is not valid JSON: {exc}") from exc
     if not isinstance(kwargs, dict):
         raise UsageError("--model-kwargs must be a JSON object")
-    model = load_model(args.model, kwargs)
-    dtype = getattr(torch, args.dtype)
-    model = model.to(dtype)
-    shapes = args.input_shape or [(1, 3, 224, 224)]
-    inputs = tuple(torch.randn(*s, dtype=dtype) for s in shapes)
+    model = resolve_model(args.model, kwargs, arch=args.arch, unsafe_load=args.unsafe_load)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    exported = isinstance(model, torch.export.ExportedProgram)
+    if exported:
+        _check_exported_options(args)
+        inputs = example_inputs(model, args.input_shape, dtype)
+    else:
+        model = model.to(dtype or torch.float32)
+        inputs = example_inputs(model, args.input_shape or [(1, 3, 224, 224)], dtype)
     capture = {"concrete_args": dict(args.concrete_arg) or None, "leaf_modules": args.leaf_module}
     passes = ",".join(args.passes) or None
     select = args.select or None
     if args.command == "plan":
-        result: Any = fxrewrite.plan(model, inputs, passes, select=select, partial=args.partial, **capture)
+        planned = exported_graph_module(model) if exported else model
+        result: Any = fxrewrite.plan(planned, inputs, passes, select=select, partial=args.partial, **capture)
         if args.json:
             sites = [dataclasses.asdict(s) for s in result.sites]
             doc = {"sites": sites, "plan": result.report.to_dict()}
@@ -183,13 +210,16 @@ def _run_model_command(args: argparse.Namespace) -> tuple[str, int]:
     calibration = None
     if args.calibration:
         from fxrewrite.repair import load_calibration
-        calibration = load_calibration(args.calibration, batch_size=args.calibration_batch_size, dtype=dtype)
+        calibration = load_calibration(args.calibration, batch_size=args.calibration_batch_size,
+                                       dtype=dtype or torch.float32)
     target = forms = None
-    if args.target_macs is not None or args.target_params is not None:
+    if args.target_macs is not None or args.target_params is not None or args.target_latency is not None:
         from fxrewrite.budget import parse_forms
         if passes:
-            raise UsageError("--target-macs/--target-params choose the passes: do not combine them with --pass")
-        target = fxrewrite.Target(macs=args.target_macs, params=args.target_params)
+            raise UsageError("--target-macs/--target-params/--target-latency choose the passes: do not combine them "
+                             "with --pass")
+        target = fxrewrite.Target(macs=args.target_macs, params=args.target_params, latency=args.target_latency,
+                                  backend=args.latency_backend)
         forms = parse_forms(args.forms) if args.forms else None
     result = fxrewrite.rewrite(model, inputs, passes, select=select, **capture, verify=verify, rtol=args.rtol,
                                atol=args.atol, latency=args.latency, calibration=calibration, target=target,
@@ -212,6 +242,17 @@ def _run_model_command(args: argparse.Namespace) -> tuple[str, int]:
     if args.json:
         return report.to_json(), code
     return (report.to_markdown() if args.markdown else str(report)), code
+
+
+def _check_exported_options(args: argparse.Namespace) -> None:
+    """A .pt2 program is captured already and rewritten as a whole: the capture and whole-model options do not
+    apply to it."""
+    options = ("concrete_arg", "leaf_module", "partial", "calibration", "target_macs", "target_params",
+               "target_latency")
+    given = ["--" + name.replace("_", "-") for name in options if getattr(args, name, None) not in (None, False, [])]
+    if given:
+        raise UsageError(f"{', '.join(given)}: not for a .pt2 program (it is captured already); rewrite "
+                         "the eager model instead")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

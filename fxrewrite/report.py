@@ -27,6 +27,7 @@ from tabulate import tabulate
 
 if TYPE_CHECKING:
     from fxrewrite.latency import LatencyReport
+    from fxrewrite.sites import HiddenConv
     from fxrewrite.verify import Verification
 
 SCHEMA_VERSION = 1  # of fxrewrite.report_schema.REPORT_SCHEMA; bump on any incompatible change
@@ -189,7 +190,12 @@ class CostComparison:
 
 @dataclass(frozen=True)
 class Report:
-    """The report of a plan or a rewrite: one record per site per pass, plus context (model, inputs, passes)."""
+    """The report of a plan or a rewrite: one record per site per pass, plus context (model, inputs, passes).
+
+    ``not_visible`` lists the model's convolutions that are not sites (inside a leaf module, or never called by the
+    traced forward), each with reason code ``not-visible``; the JSON document has them in ``context["not_visible"]``.
+    When a rule selected a site, the table shows the winning rule (and its option overrides) in a ``rule`` column.
+    """
 
     records: tuple[SiteRecord, ...]
     title: str = "fxrewrite report"
@@ -198,6 +204,7 @@ class Report:
     costs: CostComparison | None = None
     verification: Verification | None = None
     latency: LatencyReport | None = None
+    not_visible: tuple[HiddenConv, ...] = ()
 
     @property
     def ok(self) -> bool | None:
@@ -234,7 +241,8 @@ class Report:
             check = self._site_check(r.site) if r.changed else None
             if check is not None and check.status == "failed":
                 status += "; verify: FAILED"
-            row = [r.site, r.pass_name, _fmt_change(r.params_before, r.params_after, r.changed),
+            row = [r.site, r.pass_name, *([r.rule or "-"] if self._has_rules else []),
+                   _fmt_change(r.params_before, r.params_after, r.changed),
                    _fmt_change(r.macs_before, r.macs_after, r.changed), _fmt_error(r)]
             if numerics:
                 row.append(_fmt_output_error(check))
@@ -246,9 +254,14 @@ class Report:
                         "status")
 
     @property
+    def _has_rules(self) -> bool:
+        return any(r.rule is not None for r in self.records)
+
+    @property
     def _headers(self) -> tuple[str, ...]:
         numerics = self.verification is not None and self.verification.numerics_checked
-        return self.VERIFIED_HEADERS if numerics else self.HEADERS
+        headers = self.VERIFIED_HEADERS if numerics else self.HEADERS
+        return (*headers[:2], "rule", *headers[2:]) if self._has_rules else headers
 
     def _sections(self, tablefmt: str) -> list[tuple[str, str]]:
         """(heading, text) of the costs, verification and latency sections, then the extra sections."""
@@ -271,7 +284,17 @@ class Report:
         for key in ("model_macs_before", "model_macs_after", "model_params_before", "model_params_after"):
             if key in self.context:
                 lines.append(f"{key.replace('_', ' ')}: {_fmt_int(int(self.context[key]))}")
+        dropped = [f"{r.site} ({r.details['dropped_hooks']})" for r in self.records if r.details.get("dropped_hooks")]
+        if dropped:
+            lines.append(f"hooks dropped (drop_hooks=True): {', '.join(dropped)}")
         return lines
+
+    def not_visible_lines(self) -> list[str]:
+        """The ``not visible:`` block: one line per convolution that is not a site (empty when there are none)."""
+        if not self.not_visible:
+            return []
+        return ["not visible (convolutions the graph does not call; never rewritten):"] + [
+            f"  {h.name}: {h.reason.code}: {h.reason.text}" for h in self.not_visible]
 
     def _skip_reasons(self) -> list[str]:
         return [r.reason if r.reason.startswith(f"{r.site}:") else f"{r.site}: {r.reason}"
@@ -289,6 +312,7 @@ class Report:
         reasons = self._skip_reasons()
         if reasons:
             parts += ["skipped:"] + [f"  {line}" for line in reasons]
+        parts += self.not_visible_lines()
         for heading, text in self._sections("simple"):
             parts += ["", f"== {heading} ==", text]
         for heading, text in self.extra_sections:
@@ -302,6 +326,9 @@ class Report:
         reasons = self._skip_reasons()
         if reasons:
             parts += ["", "Skipped:", ""] + [f"- `{line}`" for line in reasons]
+        if self.not_visible:
+            parts += ["", "Not visible (convolutions the graph does not call; never rewritten):", ""]
+            parts += [f"- `{h.name}: {h.reason.code}: {h.reason.text}`" for h in self.not_visible]
         for heading, text in self._sections("github"):
             parts += ["", f"### {heading.capitalize()}", "", _markdown_section(text)]
         for heading, text in self.extra_sections:
@@ -321,7 +348,9 @@ class Report:
             "title": self.title,
             "input_shapes": _jsonable(self.context.get("input_shapes", [])),
             "passes": _jsonable(self.context.get("passes", [])),
-            "context": _jsonable(dict(self.context)),
+            "context": _jsonable(dict(self.context) | ({"not_visible": [
+                {"name": h.name, "container": h.container, "code": h.reason.code, "reason": h.reason.text}
+                for h in self.not_visible]} if self.not_visible else {})),
             "totals": self.totals(),
             "records": [_jsonable(r.to_dict()) for r in self.records],
             "costs": self.costs.to_dict() if self.costs is not None else None,

@@ -5,9 +5,11 @@ name, so state_dict keys stay predictable (``layer1.0.conv1.0.weight``, ``layer1
 models load without fxrewrite; the Sequential's children become separate ``call_module`` nodes, so ``gm.code`` shows
 each convolution and later passes see them. ``insert_methods_before`` puts a chain of plain tensor methods (a channel
 shuffle: ``unflatten`` / ``transpose`` / ``flatten``) on one input edge of a node, ``insert_op_before`` a function
-call; ``set_conv_weight`` swaps a conv's weight keeping its dtype, device, layout and requires_grad. New nodes carry
-``node.meta["val"]`` (shape metadata, no compute) and ``node.meta["fxrewrite"]`` (provenance). ``finalize`` lints,
-drops dead submodules, recompiles and makes the module ``portable``: a pickled result loads without fxrewrite.
+call; ``set_conv_weight`` swaps a conv's weight keeping its dtype, device, layout and requires_grad;
+``permute_channels`` reorders a conv's / batch norm's channels (folds a channel permutation into a layer). New
+nodes carry ``node.meta["val"]`` (shape metadata, no compute) and ``node.meta["fxrewrite"]`` (provenance).
+``finalize`` lints, drops dead submodules, recompiles and makes the module ``portable``: a pickled result loads
+without fxrewrite.
 
 >>> import torch
 >>> from torch import nn
@@ -44,13 +46,17 @@ def _unique_attr(gm: torch.fx.GraphModule, base: str) -> str:
     return name
 
 
-def _conv_val(val: Any, conv: nn.Conv2d) -> Any:
-    """Shape metadata of ``conv`` applied to a value with metadata ``val`` (None when unknown)."""
+def _conv_val(val: Any, conv: nn.Module) -> Any:
+    """Shape metadata of ``conv`` (a Conv2d, or a shape-only step such as a channel repeat, run on a meta tensor)
+    applied to a value with metadata ``val`` (None when unknown)."""
     if not isinstance(val, torch.Tensor):
         return None
     try:
         from fxrewrite.shapes import conv_output_shape
-        shape = conv_output_shape(tuple(val.shape), conv)
+        if isinstance(conv, nn.Conv2d):
+            shape = conv_output_shape(tuple(val.shape), conv)
+        else:
+            shape = tuple(conv(torch.empty(val.shape, dtype=val.dtype, device="meta")).shape)
         return val.new_empty(shape)
     except Exception:  # metadata is best effort: a missing value only loses cost figures, never correctness
         return None
@@ -116,6 +122,37 @@ def set_conv_weight(gm: torch.fx.GraphModule, qualname: str, weight: torch.Tenso
     else:
         new = new.contiguous()
     conv.weight = nn.Parameter(new, requires_grad=old.requires_grad)
+
+
+def permute_channels(gm: torch.fx.GraphModule, qualname: str, *, out_perm: torch.Tensor | None = None,
+                     in_perm: torch.Tensor | None = None) -> None:
+    """Reorder a module's channels: it then reads input channel ``in_perm[k]`` at ``k`` and writes output channel
+    ``out_perm[k]`` at ``k``. A dense Conv2d takes ``weight[out_perm][:, in_perm]`` and ``bias[out_perm]``; a
+    channel-wise module (BatchNorm2d, PReLU, a depthwise Conv2d with one output per channel) takes ``out_perm`` on
+    every per-channel tensor. New tensors replace the old ones (nothing is written in place), keeping Parameter /
+    buffer kind, requires_grad, dtype, device and a conv weight's memory format."""
+    module = gm.get_submodule(qualname)
+    dense = isinstance(module, nn.Conv2d) and module.groups == 1
+    channelwise = isinstance(module, nn.BatchNorm2d | nn.PReLU) or (
+        isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels)
+    if not dense and not (channelwise and in_perm is None):
+        raise ValueError(f"{qualname}: {type(module).__name__} cannot absorb a channel permutation"
+                         + (" of its input (it is channel-wise: permute its output)" if channelwise else ""))
+    if dense and in_perm is not None:
+        set_conv_weight(gm, qualname, module.weight.detach()[:, in_perm.to(module.weight.device)])
+    if out_perm is None:
+        return
+    tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+    for name, old in tensors:
+        if name == "num_batches_tracked":
+            continue
+        new = old.detach()[out_perm.to(old.device)]
+        if isinstance(module, nn.Conv2d) and name == "weight":
+            set_conv_weight(gm, qualname, new)
+        elif name in module._parameters:
+            setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
+        else:
+            setattr(module, name, new)
 
 
 def insert_op_before(gm: torch.fx.GraphModule, consumer: torch.fx.Node, producer: torch.fx.Node,

@@ -16,9 +16,10 @@ never edited. Each site says, for each rewrite kind, whether it is eligible, and
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,8 @@ CONV_FUNCTIONS = (F.conv2d, torch.conv2d)
 _MODULE_PATTERN = Pattern((CONV2D_MODULE,))
 _FUNCTION_PATTERN = Pattern((CONV2D_FUNCTION,))
 REWRITE_KINDS = ("depthwise-separable", "grouped-separable", "grouped")
+#: ``gm.meta`` key set by ``dropping_hooks``: convs with hooks are then sites like any other (see there).
+DROP_HOOKS_KEY = "fxrewrite_drop_hooks"
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,8 @@ class ConvSite:
 
     ``name`` is the module's qualified name (the node name for a functional conv); ``blocker`` is a reason that
     stops every rewrite (None when the site is rewritable in principle); ``eligibility`` gives, per rewrite kind,
-    None (eligible with default options) or the reason it is not.
+    None (eligible with default options) or the reason it is not. ``hooks`` counts the module's own hooks, which a
+    rewrite drops (only under ``dropping_hooks``; otherwise they block it).
     """
 
     name: str
@@ -93,6 +97,7 @@ class ConvSite:
     dtype: str
     blocker: Reason | None
     eligibility: tuple[tuple[str, Reason | None], ...]
+    hooks: int = 0
 
     def reason_for(self, kind: str) -> Reason | None:
         return dict(self.eligibility)[kind]
@@ -132,7 +137,7 @@ def spec_of_module(conv: nn.Conv2d) -> ConvSpec:
                     _pair(conv.dilation), conv.groups, conv.bias is not None, conv.padding_mode)
 
 
-def _module_blocker(conv: nn.Module, call_count: int, tied: bool) -> Reason | None:
+def _module_blocker(conv: nn.Module, call_count: int, tied: bool, drop_hooks: bool) -> Reason | None:
     if parametrize.is_parametrized(conv) or hasattr(conv, "weight_g") or hasattr(conv, "weight_orig"):
         return Reason("parametrized-weight", "the weight is parametrized (weight_norm / spectral_norm / "
                       "parametrize); remove the parametrization first (e.g. parametrize.remove_parametrizations).")
@@ -143,10 +148,10 @@ def _module_blocker(conv: nn.Module, call_count: int, tied: bool) -> Reason | No
         return Reason("conv-subclass", f"{cls.__name__} subclasses nn.Conv2d {how}; it is not treated as a plain "
                       "convolution. Replace it by nn.Conv2d (or rewrite it with a pass that knows it) first.")
     hooks = hook_counts(conv)
-    if hooks:
+    if hooks and not drop_hooks:
         listed = ", ".join(f"{n} {kind} hook{'s' if n > 1 else ''}" for kind, n in hooks.items())
         return Reason("module-hooks", f"the module has {listed}; a rewrite would drop them, so it is left alone. "
-                      "Remove the hooks first (handle.remove()) to rewrite it.")
+                      "Remove the hooks first (handle.remove()), or pass drop_hooks=True, to rewrite it.")
     if call_count > 1:
         return Reason("shared-module", f"the module is called from {call_count} places; rewriting one call would "
                       "untie the weights.")
@@ -166,6 +171,22 @@ def hook_counts(module: nn.Module) -> dict[str, int]:
     counts = {"forward": len(module._forward_hooks), "forward-pre": len(module._forward_pre_hooks),
               "backward": len(module._backward_hooks), "backward-pre": len(module._backward_pre_hooks)}
     return {kind: n for kind, n in counts.items() if n}
+
+
+@contextlib.contextmanager
+def dropping_hooks(gm: torch.fx.GraphModule, enabled: bool = True) -> Iterator[None]:
+    """Within the block, ``find_sites(gm)`` does not block convs that have hooks: a rewrite replaces the module and
+    so drops its hooks (``ConvSite.hooks`` counts them for the report). The user asks for this with
+    ``drop_hooks=True``; ``gm`` is fxrewrite's own copy, so the input model keeps its hooks.
+    """
+    if not enabled:
+        yield
+        return
+    gm.meta[DROP_HOOKS_KEY] = True
+    try:
+        yield
+    finally:
+        gm.meta.pop(DROP_HOOKS_KEY, None)
 
 
 def _kind_reasons(spec: ConvSpec) -> tuple[tuple[str, Reason | None], ...]:
@@ -234,21 +255,23 @@ def _function_site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> ConvSite | 
 
 
 def _make_site(name: str, node: torch.fx.Node, kind: str, module_type: str, spec: ConvSpec,
-               blocker: Reason | None) -> ConvSite:
+               blocker: Reason | None, hooks: int = 0) -> ConvSite:
     input_node = node.args[0] if node.args else node.kwargs.get("input")
     input_shape = shape_of(input_node) if isinstance(input_node, torch.fx.Node) else None
     val = node.meta.get("val")
     dtype = str(val.dtype).removeprefix("torch.") if isinstance(val, torch.Tensor) else "unknown"
     eligibility = tuple((k, blocker) for k in REWRITE_KINDS) if blocker else _kind_reasons(spec)
     return ConvSite(name, node.name, kind, module_type, spec, input_shape, shape_of(node), dtype, blocker,
-                    eligibility)
+                    eligibility, hooks)
 
 
 def find_sites(gm: torch.fx.GraphModule) -> list[ConvSite]:
     """All 2-D convolution sites of ``gm`` in graph order (shapes are filled when ``propagate_shapes`` ran).
 
     Conv nodes are found with the ``CONV2D_MODULE`` / ``CONV2D_FUNCTION`` patterns of ``fxrewrite.patterns``.
+    Convs with hooks are blocked (``module-hooks``) unless inside ``dropping_hooks(gm)``.
     """
+    drop_hooks = bool(getattr(gm, "meta", {}).get(DROP_HOOKS_KEY))
     modules = dict(gm.named_modules(remove_duplicate=False))
     conv_nodes = {m["conv"] for m in _MODULE_PATTERN.match(gm)}
     calls = Counter(str(n.target) for n in conv_nodes)
@@ -263,9 +286,9 @@ def find_sites(gm: torch.fx.GraphModule) -> list[ConvSite]:
             conv = modules[str(node.target)]
             own_weight = conv._parameters.get("weight")
             tied = own_weight is not None and weight_owners[id(own_weight)] > 1
-            blocker = _module_blocker(conv, calls[str(node.target)], tied)
+            blocker = _module_blocker(conv, calls[str(node.target)], tied, drop_hooks)
             sites.append(_make_site(str(node.target), node, "module", type(conv).__name__, spec_of_module(conv),
-                                    blocker))
+                                    blocker, sum(hook_counts(conv).values())))
         elif node in functional:
             site = _function_site(gm, node)
             if site is not None:
@@ -282,9 +305,13 @@ class HiddenConv:
     reason: Reason
 
 
-def hidden_convs(gm: torch.fx.GraphModule) -> list[HiddenConv]:
+def hidden_convs(gm: torch.fx.GraphModule, original: nn.Module | None = None) -> list[HiddenConv]:
     """Every ``nn.Conv2d`` in ``gm`` that the graph does not call: inside a leaf module (``leaf_modules``, a
     subclass with its own forward, any module called as a whole), or never called by the traced forward.
+
+    A traced GraphModule keeps only the submodules its graph uses, so a conv that the traced forward never calls
+    (a branch not taken under ``concrete_args``) is not in ``gm`` at all: pass the ``original`` model to list those
+    too (after the ones in ``gm``, with ``container=None``).
 
     >>> from fxrewrite.capture import trace
     >>> block = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU())
@@ -306,6 +333,12 @@ def hidden_convs(gm: torch.fx.GraphModule) -> list[HiddenConv]:
         else:
             why = "no node of the traced graph calls it (unused, or only used under a branch the trace did not take)."
         out.append(HiddenConv(name, container, Reason("not-visible", why)))
+    if original is not None:
+        present = {name for name, _ in gm.named_modules()}
+        why = ("no node of the traced graph calls it (unused, or only used under a branch the trace did not take), "
+               "so the traced module does not hold it.")
+        out += [HiddenConv(name, None, Reason("not-visible", why)) for name, module in original.named_modules()
+                if isinstance(module, nn.Conv2d) and name not in present]
     return out
 
 
@@ -326,7 +359,8 @@ def check_groups(site: ConvSite, groups: int, *, out_divisible: bool) -> Reason 
                       f"{larger or 'none'}.")
     if groups % s.groups:
         return Reason("groups-incompatible", f"{site.name}: groups={groups} is not a multiple of the existing "
-                      f"groups={s.groups}; valid: {valid}.")
+                      f"groups={s.groups} (in_channels={s.in_channels}, out_channels={s.out_channels}); valid: "
+                      f"{valid}.")
     if s.in_channels % groups or (out_divisible and s.out_channels % groups):
         channels = f"in_channels={s.in_channels}" + (f", out_channels={s.out_channels}" if out_divisible else "")
         return Reason("channels-not-divisible", f"{site.name}: {channels} not divisible by groups={groups}; "

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -47,6 +48,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from fxrewrite import shapes
 from fxrewrite.capture import LeafSpec
 from fxrewrite.errors import ConfigError, FxRewriteError, VerificationFailure
 from fxrewrite.rewriter import PROVENANCE_KEY
@@ -393,7 +395,10 @@ def as_graph_module(model: nn.Module, *, concrete_args: Mapping[str, Any] | None
         graph = tracer.trace(model, concrete_args=dict(concrete_args) if concrete_args else None)
     except Exception as exc:
         raise capture.TraceFailure(capture._explain(exc, model)) from exc
-    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    if concrete_args:  # as capture.trace does: the specialised values become the defaults
+        capture._default_concrete_placeholders(gm, concrete_args)
+    return gm
 
 
 def _provenance_site(node: torch.fx.Node) -> str | None:
@@ -632,9 +637,22 @@ def _fake_inputs(mode: Any, inputs: Sequence[Any], device: torch.device | None) 
 
 
 def _propagate(gm: torch.fx.GraphModule, inputs: Sequence[Any], device: torch.device | None) -> _ShapeRun:
+    """Fake propagation; where a node needs real values (a data-dependent leaf module), one real run instead, as
+    ``fxrewrite.shapes.propagate_shapes`` does (with a warning; the caller runs it under ``_eval_mode``)."""
     from fxrewrite.cost import model_cost
     mode = fake_mode()
-    result = FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*_fake_inputs(mode, inputs, device))
+    try:
+        result = FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*_fake_inputs(mode, inputs, device))
+    except Exception as exc:
+        if not shapes._is_data_dependent(exc) or _numerics_blocker(gm, gm, inputs) is not None:
+            raise
+        warnings.warn(f"fxrewrite.verify: shape propagation at {_where(gm)} needs real values (data-dependent "
+                      "control flow, e.g. in a leaf module); running the model once on the example inputs instead.",
+                      stacklevel=3)
+        for node in gm.graph.nodes:
+            node.meta.pop("val", None)
+        shapes._propagate_real(gm, inputs, mode)
+        result = gm.graph.output_node().meta["val"]
     leaves, spec = pytree.tree_flatten_with_path(result)
     named = [("output" + pytree.keystr(path), value) for path, value in leaves]
     try:
@@ -891,21 +909,25 @@ def _numerics_batch(ref_gm: torch.fx.GraphModule, new_gm: torch.fx.GraphModule, 
     """One batch: record the original's values at each site, then run the rewritten model and compare as it goes."""
     active = [w for w in work if w.original is not None and w.shapes_ok]
     by_orig = {w.original.name: w for w in active if w.original is not None}
-    by_input = {}
-    for w in active:
-        node = _first_input(w.original) if w.original is not None else None
-        if node is not None:
-            by_input.setdefault(node.name, []).append(w)
     recorded: dict[str, dict[str, Any]] = {w.name: {} for w in active}
+    inputs_seen: dict[tuple[str, tuple[int, ...]], Any] = {}  # one copy of an input that several sites read
 
     def on_ref(node: torch.fx.Node, value: Any) -> None:
-        for w in by_input.get(node.name, ()):
-            recorded[w.name]["x"] = value
-        if node.name in by_orig:
-            recorded[by_orig[node.name].name]["y"] = value
+        # Copies of the conv's input (as the conv read it) and of its output: a later in-place op of the original
+        # model (ReLU(inplace=True), x += y) overwrites the tensors themselves before the rewritten model runs.
+        rec = recorded[by_orig[node.name].name]
+        rec["y"] = _copy_tensors(value)
+        source = _first_input(node)
+        if source is not None and source in ref_runner.env:
+            x = ref_runner.env[source]
+            key = (source.name, tuple(t._version for t in pytree.tree_leaves(x) if isinstance(t, torch.Tensor)))
+            if key not in inputs_seen:  # the version counters tell an input modified in place since its copy
+                inputs_seen[key] = _copy_tensors(x)
+            rec["x"] = inputs_seen[key]
 
+    ref_runner = _Runner(ref_gm, set(by_orig), on_ref)
     try:
-        ref_out = _Runner(ref_gm, set(by_orig) | set(by_input), on_ref).run(*batch)
+        ref_out = ref_runner.run(*batch)
     except Exception as exc:
         raise ConfigError(f"the original model fails on the example inputs: {_first_line(exc)}") from exc
 
@@ -942,6 +964,11 @@ def _numerics_batch(ref_gm: torch.fx.GraphModule, new_gm: torch.fx.GraphModule, 
     for acc, a, b in zip(out_acc, new_leaves, ref_leaves, strict=False):
         if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
             acc.add(a, b)
+
+
+def _copy_tensors(value: Any) -> Any:
+    """``value`` with every tensor in it cloned (detached), so that in-place ops on the originals do not reach it."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), value)
 
 
 def _with_error(o: OutputCheck, stats: ErrorStats) -> OutputCheck:

@@ -22,12 +22,18 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from fxrewrite.cost import conv_macs
 from fxrewrite.errors import ConfigError, FxRewriteError, PassFailure
 from fxrewrite.patterns import attr_of
 from fxrewrite.report import SiteRecord
 from fxrewrite.rewriter import PROVENANCE_KEY, finalize, portable, replace_conv
 from fxrewrite.select import Rule, Selection, resolve
-from fxrewrite.sites import CONV_FUNCTIONS, ConvSite, Reason, find_sites
+from fxrewrite.shapes import conv_output_shape
+from fxrewrite.sites import CONV_FUNCTIONS, ConvSite, Reason, dropping_hooks, find_sites
+
+#: Reason codes that mean "this group count cannot be used at this site": an error, not a skip, for a site that a
+#: rule names exactly (the user asked for that layer and that count).
+GROUP_COUNT_CODES = frozenset({"channels-not-divisible", "groups-incompatible"})
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,12 @@ class Pass:
     def plan(self, gm: torch.fx.GraphModule, rules: Sequence[Rule] = ()) -> list[SiteRecord]:
         """The per-site decisions ``run`` would take, without changing anything."""
         raise NotImplementedError
+
+    def validate(self, gm: torch.fx.GraphModule, rules: Sequence[Rule] = ()) -> None:
+        """Raise ``ConfigError`` for what ``run`` would refuse as misconfigured (here: rules that match no site),
+        without building or changing anything."""
+        if rules:
+            resolve(rules, find_sites(gm))
 
     def options(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -84,16 +96,45 @@ def convs_of(module: nn.Module) -> list[nn.Conv2d]:
     return [m for m in module.modules() if isinstance(m, nn.Conv2d)]
 
 
+def _chain(module: nn.Module) -> Iterator[nn.Module]:
+    """The steps of a replacement in order: its Conv2d modules and, between them, the conv-free modules."""
+    if isinstance(module, nn.Conv2d) or not any(isinstance(m, nn.Conv2d) for m in module.modules()):
+        yield module
+        return
+    for child in module.children():
+        yield from _chain(child)
+
+
 def replacement_cost(module: nn.Module, site: ConvSite) -> tuple[int, int | None]:
-    """(params, MACs) of a replacement; every conv in it has the site's output spatial size."""
+    """(params, MACs) of a replacement: its convs form a chain (as every rewrite builds them), and each one is
+    counted at the spatial size it computes, from the site's input shape on: the 1x1 in front of a strided kxk conv
+    (a bottleneck's first conv) runs at the input resolution, the rest at the output resolution.
+
+    >>> from fxrewrite.sites import find_sites
+    >>> from fxrewrite.capture import trace
+    >>> from fxrewrite.shapes import propagate_shapes
+    >>> gm = trace(nn.Conv2d(8, 16, 3, stride=2, padding=1))
+    >>> propagate_shapes(gm, (torch.randn(1, 8, 16, 16),))
+    >>> first_1x1_then_strided = nn.Sequential(nn.Conv2d(8, 4, 1), nn.Conv2d(4, 16, 3, stride=2, padding=1))
+    >>> replacement_cost(first_1x1_then_strided, find_sites(gm)[0])[1] == 16 * 16 * 4 * 8 + 8 * 8 * 16 * 4 * 9
+    True
+    """
     params = sum(p.numel() for p in module.parameters())
-    if site.output_shape is None:
+    if site.input_shape is None or site.output_shape is None:
         return params, None
-    pixels = 1
-    for d in (*site.output_shape[:-3], *site.output_shape[-2:]):
-        pixels *= d
-    macs = sum(pixels * c.out_channels * (c.in_channels // c.groups) * c.kernel_size[0] * c.kernel_size[1]
-               for c in convs_of(module))
+    shape, macs = site.input_shape, 0
+    for step in _chain(module):
+        if not isinstance(step, nn.Conv2d):  # a shape-only step (e.g. a channel repeat): 0 MACs
+            shape = tuple(step(torch.empty(shape, device="meta")).shape)
+            continue
+        conv = step
+        if shape[-3] != conv.in_channels:
+            raise FxRewriteError(f"{site.name}: the replacement's convolutions are not a chain ({conv.in_channels} "
+                                 f"input channels after {shape[-3]} output channels); its MACs cannot be counted")
+        shape = conv_output_shape(shape, conv)
+        macs += conv_macs(shape, conv.in_channels, conv.groups, conv.kernel_size)
+    if shape != site.output_shape:
+        raise FxRewriteError(f"{site.name}: the replacement computes shape {shape}, the site {site.output_shape}")
     return params, macs
 
 
@@ -225,17 +266,37 @@ class ConvRewritePass(Pass):
 
     def _sites(self, gm: torch.fx.GraphModule, rules: Sequence[Rule]) -> list[tuple[ConvSite, Pass, Reason | None,
                                                                                    Selection]]:
+        """Each site with its effective pass (rule overrides applied), skip reason and selection. Configuration
+        errors (unknown options in a rule, a group count that a layer named exactly by a rule cannot use) are raised
+        together in one ``ConfigError``."""
         sites = find_sites(gm)
         selections = resolve(rules, sites) if rules else {s.name: Selection(s.name, True, None) for s in sites}
         out = []
+        errors: list[str] = []
+        bad_groups: list[str] = []
         for site in sites:
             selection = selections[site.name]
-            effective, reason = self._decide(site, selection)
+            try:
+                effective, reason = self._decide(site, selection)
+            except ConfigError as exc:
+                errors.append(str(exc))
+                continue
+            if reason is not None and reason.code in GROUP_COUNT_CODES and _names_site(selection):
+                bad_groups.append(f"{site.name}: {reason.code}: {reason.text.removeprefix(f'{site.name}: ')}")
             if reason is None and getattr(effective, "init", "random") != "random" and _meta_weight(gm, site):
                 reason = Reason("meta-weight", f"{site.name}: the weight is on the meta device, so there are no "
                                 "values to factorise; load real weights first, or use init=random.")
             out.append((site, effective, reason, selection))
+        if bad_groups:
+            errors.append(f"pass {self.name!r}: a rule names these layers, but their group count cannot be used "
+                          f"there: {' '.join(bad_groups)} Give each rule a valid group count, or select the layers "
+                          "with a pattern to skip the ones it does not fit")
+        if errors:
+            raise ConfigError("; ".join(dict.fromkeys(errors)))
         return out
+
+    def validate(self, gm: torch.fx.GraphModule, rules: Sequence[Rule] = ()) -> None:
+        self._sites(gm, rules)
 
     def _record(self, site: ConvSite, effective: Pass, reason: Reason | None, selection: Selection,
                 status: str, built: Built | None = None) -> SiteRecord:
@@ -248,8 +309,9 @@ class ConvRewritePass(Pass):
         if built is None:
             return SiteRecord(status=status, **common)
         params_after, macs_after = replacement_cost(built.module, site)
+        details = {**built.details, "dropped_hooks": site.hooks} if site.hooks else built.details
         return SiteRecord(status=status, params_after=params_after, macs_after=macs_after,
-                          rel_error=built.rel_error, exact=built.exact, details=built.details, **common)
+                          rel_error=built.rel_error, exact=built.exact, details=details, **common)
 
     def plan(self, gm: torch.fx.GraphModule, rules: Sequence[Rule] = ()) -> list[SiteRecord]:
         records = []
@@ -284,6 +346,11 @@ class ConvRewritePass(Pass):
         return PassResult(gm, modified, tuple(records))
 
 
+def _names_site(selection: Selection) -> bool:
+    """Whether the site was selected by a rule that names it exactly (not a pattern, type or global rule)."""
+    return selection.selected and selection.rule is not None and selection.rule.form == "exact"
+
+
 def provenance(node: torch.fx.Node) -> Mapping[str, Any] | None:
     """Which pass and site produced ``node`` (None for original nodes)."""
     return node.meta.get(PROVENANCE_KEY)
@@ -291,6 +358,9 @@ def provenance(node: torch.fx.Node) -> Mapping[str, Any] | None:
 
 class PassManager:
     """Runs a pipeline of passes; lints and recompiles after each; wraps errors with the pass that raised.
+
+    ``drop_hooks=True`` lets the passes rewrite convs that have hooks (the new modules have none; each record counts
+    them in ``details["dropped_hooks"]``); by default such convs are skipped as ``module-hooks``.
 
     >>> import torch
     >>> from fxrewrite.capture import trace
@@ -301,11 +371,16 @@ class PassManager:
     (True, 2)
     """
 
-    def __init__(self, passes: Iterable[Pass], rules: Sequence[Rule] = ()) -> None:
+    def __init__(self, passes: Iterable[Pass], rules: Sequence[Rule] = (), *, drop_hooks: bool = False) -> None:
         self.passes = list(passes)
         self.rules = list(rules)
+        self.drop_hooks = drop_hooks
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        with dropping_hooks(gm, self.drop_hooks):
+            return self._run(gm)
+
+    def _run(self, gm: torch.fx.GraphModule) -> PassResult:
         records: list[SiteRecord] = []
         modified = False
         for p in self.passes:
@@ -327,8 +402,9 @@ class PassManager:
     def plan(self, gm: torch.fx.GraphModule) -> list[SiteRecord]:
         """Plan every pass against the unchanged graph (a dry run changes nothing, so later passes see the input)."""
         records: list[SiteRecord] = []
-        for p in self.passes:
-            records.extend(p.plan(gm, self.rules))
+        with dropping_hooks(gm, self.drop_hooks):
+            for p in self.passes:
+                records.extend(p.plan(gm, self.rules))
         return records
 
 
@@ -387,6 +463,9 @@ def parse_pipeline(text: str, registry: Mapping[str, type[Pass]]) -> list[Pass]:
             elif key not in fields:
                 valid = ", ".join(f"{k}={_default(f)}" for k, f in fields.items()) or "none"
                 errors.append(f"{name}: unknown option {key!r}; valid options: {valid}")
+            elif key in kwargs:
+                errors.append(f"{name}: option {key!r} is given more than once ({key}={kwargs[key]}, "
+                              f"{key}={parse_value(value)}); give it once")
             else:
                 kwargs[key] = parse_value(value)
         try:

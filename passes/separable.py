@@ -5,6 +5,20 @@ group i, the (O x (I/g)K) slice A_i ~ sum_{j<r} s_j u_j v_j^T; the kxk conv gets
 sqrt(s_j) u_j and the bias. Exact when r >= min(O/G, (I/g)K). Depthwise-separable is g = I (r is the depthwise
 multiplier). ``init=random`` builds the same structure with torch's default initialisation.
 
+``lowering`` says how a depthwise kxk conv with multiplier T > 1 (groups=I, I*T outputs) is expressed. oneDNN (torch's
+CPU conv backend) has a fast depthwise kernel only when each group has one input and one output channel
+(``jit_dw`` / ``brdgmm_dw``); with T > 1 it falls back to im2col + GEMM (``gemm:jit``, contiguous) or a blocked
+grouped conv padding each 1-in/T-out group to 16x16 (``jit:avx512_core``, channels_last).
+``benchmarks/bench_depthwise_lowering.py`` measures the alternatives. ``direct`` emits that conv as is; ``tile``
+emits ``ChannelRepeat(T)`` (``torch.cat([x] * T, dim=1)``, which keeps channels_last) then a plain depthwise conv on
+I*T channels whose output channel j*I+c is the direct conv's channel c*T+j, with the 1x1 conv's input channels
+permuted to match; ``repeat`` emits ``x.repeat_interleave(T, dim=1)`` then the depthwise conv with the direct conv's
+channel order (needed when the 1x1 conv is grouped, i.e. the source conv was). All three compute the same function;
+the lowering only applies to depthwise sites with T > 1 and otherwise ``direct`` is emitted (``details["lowering"]``
+says which one was). The default is ``direct``: on CPU, ``tile`` was 2-7x faster in eager channels_last and for
+small maps (256 x 14x14), but not reliably for large maps in contiguous layout nor in onnxruntime at T=4, and
+``direct`` keeps the replacement two plain Conv2d modules.
+
 >>> import torch
 >>> from fxrewrite.capture import trace
 >>> gm = trace(torch.nn.Conv2d(8, 16, 3, padding=1))
@@ -17,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from fxrewrite import factorize
@@ -25,14 +40,55 @@ from fxrewrite.sites import ConvSite, Reason, check_groups
 from .base import Built, ConvRewritePass, make_conv, sequential
 
 INITS = ("svd", "random")
+LOWERINGS = ("direct", "tile", "repeat")
 
 
-def _check_rank_option(name: str, rank: int | str) -> None:
+class ChannelRepeat(nn.Module):
+    """Repeat the channels (dim 1) ``multiplier`` times: tiled (``cat``: c, then c again) or interleaved (each channel
+    ``multiplier`` times in a row). No parameters, no MACs; exportable by torch.export and ONNX (Concat / a Tile +
+    Reshape)."""
+
+    def __init__(self, multiplier: int, interleave: bool = False) -> None:
+        super().__init__()
+        self.multiplier = multiplier
+        self.interleave = interleave
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.interleave:
+            return x.repeat_interleave(self.multiplier, dim=1)
+        return torch.cat([x] * self.multiplier, dim=1)
+
+    def extra_repr(self) -> str:
+        return f"multiplier={self.multiplier}, interleave={self.interleave}"
+
+
+def _effective_lowering(lowering: str, conv: nn.Conv2d, groups: int, rank: int) -> str:
+    """The lowering used at a site: ``direct`` unless the kxk conv is depthwise with multiplier > 1; ``tile`` needs
+    an ungrouped 1x1 conv (a grouped source conv keeps its groups there), so it becomes ``repeat`` otherwise."""
+    if lowering == "direct" or rank == 1 or groups != conv.in_channels:
+        return "direct"
+    return "repeat" if lowering == "tile" and conv.groups > 1 else lowering
+
+
+def _lowered(conv: nn.Conv2d, lowering: str, rank: int, spatial_w: torch.Tensor | None,
+             pointwise_w: torch.Tensor | None) -> tuple[list[nn.Module], torch.Tensor | None]:
+    """The modules in front of the 1x1 conv (repeat + depthwise for ``tile``/``repeat``) and its (permuted) weight."""
+    c = conv.in_channels
+    if lowering == "tile" and spatial_w is not None and pointwise_w is not None:
+        order = torch.arange(c * rank, device=spatial_w.device).view(c, rank).t().reshape(-1)
+        spatial_w, pointwise_w = spatial_w[order], pointwise_w[:, order]
+    depthwise = make_conv(conv, c * rank, c * rank, groups=c * rank, spatial=True, bias=False, weight=spatial_w)
+    return [ChannelRepeat(rank, interleave=lowering == "repeat"), depthwise], pointwise_w
+
+
+def _check_options(name: str, rank: int | str, init: str, lowering: str) -> None:
     ok = rank == "exact" or (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1)
     ConvRewritePass._require(ok, f"{name}: rank must be a positive integer or 'exact', got {rank!r}")
+    ConvRewritePass._require(init in INITS, f"{name}: init must be one of {INITS}, got {init!r}")
+    ConvRewritePass._require(lowering in LOWERINGS, f"{name}: lowering must be one of {LOWERINGS}, got {lowering!r}")
 
 
-def _separable(site: ConvSite, conv: nn.Conv2d, groups: int, rank: int | str, init: str) -> Built:
+def _separable(site: ConvSite, conv: nn.Conv2d, groups: int, rank: int | str, init: str, lowering: str) -> Built:
     g_src = conv.groups
     full = factorize.exact_rank(tuple(conv.weight.shape), g_src, groups)
     r = full if rank == "exact" else int(rank)
@@ -43,12 +99,16 @@ def _separable(site: ConvSite, conv: nn.Conv2d, groups: int, rank: int | str, in
     else:
         spatial_w = pointwise_w = None
         rel_error, exact = None, False
-    spatial = make_conv(conv, conv.in_channels, spatial_out, groups=groups, spatial=True, bias=False,
-                        weight=spatial_w)
+    used = _effective_lowering(lowering, conv, groups, r)
+    if used == "direct":
+        front: list[nn.Module] = [make_conv(conv, conv.in_channels, spatial_out, groups=groups, spatial=True,
+                                            bias=False, weight=spatial_w)]
+    else:
+        front, pointwise_w = _lowered(conv, used, r, spatial_w, pointwise_w)
     pointwise = make_conv(conv, spatial_out, conv.out_channels, groups=g_src, spatial=False,
                           bias=conv.bias is not None, weight=pointwise_w)
-    details = {"rank": r, "exact_rank": full, "groups": groups}
-    return Built(sequential(spatial, pointwise, like=conv), rel_error, exact, details)
+    details = {"rank": r, "exact_rank": full, "groups": groups, "lowering": used}
+    return Built(sequential(*front, pointwise, like=conv), rel_error, exact, details)
 
 
 def _rank_reason(site: ConvSite, groups: int, rank: int | str) -> Reason | None:
@@ -72,16 +132,16 @@ class DepthwiseSeparable(ConvRewritePass):
     kind = "depthwise-separable"
     rank: int | str = 1
     init: str = "svd"
+    lowering: str = "direct"
 
     def __post_init__(self) -> None:
-        _check_rank_option(self.name, self.rank)
-        self._require(self.init in INITS, f"{self.name}: init must be one of {INITS}, got {self.init!r}")
+        _check_options(self.name, self.rank, self.init, self.lowering)
 
     def check(self, site: ConvSite) -> Reason | None:
         return _rank_reason(site, site.spec.in_channels, self.rank)
 
     def build(self, site: ConvSite, conv: nn.Conv2d) -> Built:
-        return _separable(site, conv, conv.in_channels, self.rank, self.init)
+        return _separable(site, conv, conv.in_channels, self.rank, self.init, self.lowering)
 
 
 @dataclass(frozen=True)
@@ -94,12 +154,12 @@ class GroupedSeparable(ConvRewritePass):
     groups: int = 4
     rank: int | str = 4
     init: str = "svd"
+    lowering: str = "direct"
 
     def __post_init__(self) -> None:
-        _check_rank_option(self.name, self.rank)
+        _check_options(self.name, self.rank, self.init, self.lowering)
         self._require(isinstance(self.groups, int) and self.groups >= 1,
                       f"{self.name}: groups must be a positive integer, got {self.groups!r}")
-        self._require(self.init in INITS, f"{self.name}: init must be one of {INITS}, got {self.init!r}")
 
     def check(self, site: ConvSite) -> Reason | None:
         if self.groups == site.spec.groups:
@@ -108,4 +168,4 @@ class GroupedSeparable(ConvRewritePass):
         return check_groups(site, self.groups, out_divisible=False) or _rank_reason(site, self.groups, self.rank)
 
     def build(self, site: ConvSite, conv: nn.Conv2d) -> Built:
-        return _separable(site, conv, self.groups, self.rank, self.init)
+        return _separable(site, conv, self.groups, self.rank, self.init, self.lowering)

@@ -206,6 +206,37 @@ def test_optimiser_matches_brute_force_on_three_sites() -> None:
     assert joint_feasible >= 10 and joint_found >= 0.8 * joint_feasible and joint_optimal >= 0.5 * joint_feasible
 
 
+def test_optimiser_with_a_latency_constraint_against_brute_force() -> None:
+    """Latency (float costs) as a third constraint: alone it is solved to optimality (up to the DP's rounding) and
+    never exceeded; with MACs and params binding as well every plan found meets all three."""
+    gen = torch.Generator().manual_seed(1)
+    optimal = found = feasible = 0
+    for _ in range(40):
+        sizes = [int(x) for x in torch.randint(2, 6, (4,), generator=gen)]
+        macs = [[100, *sorted(torch.randint(5, 100, (m - 1,), generator=gen).tolist(), reverse=True)] for m in sizes]
+        params = [[c // 2 for c in cost] for cost in macs]
+        lat = [[3.0, *(3.0 * torch.rand(m - 1, generator=gen)).tolist()] for m in sizes]
+        errors = [[0.0, *torch.rand(m - 1, generator=gen).tolist()] for m in sizes]
+        lb = float(6.0 + 4.0 * torch.rand(1, generator=gen))
+        combos = list(itertools.product(*(range(m) for m in sizes)))
+        best = min((_total(list(c), errors) for c in combos if _total(list(c), lat) <= lb), default=None)
+        choice = optimise(macs, params, errors, latency=lat, latency_budget=lb)
+        assert (choice is None) == (best is None)
+        if choice is not None:
+            assert _total(choice, lat) <= lb
+            optimal += _total(choice, errors) <= best + 1e-12
+        mb, pb = 300.0, 140.0
+        both = min((_total(list(c), errors) for c in combos if _total(list(c), lat) <= lb
+                    and _total(list(c), macs) <= mb and _total(list(c), params) <= pb), default=None)
+        joint = optimise(macs, params, errors, mb, pb, latency=lat, latency_budget=lb)
+        feasible += both is not None
+        if joint is not None:
+            found += 1
+            assert _total(joint, lat) <= lb and _total(joint, macs) <= mb and _total(joint, params) <= pb
+            assert _total(joint, errors) >= both - 1e-12
+    assert optimal >= 36 and feasible >= 10 and found >= 0.8 * feasible
+
+
 def test_option_errors() -> None:
     gm = _traced(nn.Conv2d(4, 4, 3), torch.randn(1, 4, 6, 6))
     with pytest.raises(ConfigError, match="objective must be one of"):

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from fxrewrite.passes import DepthwiseSeparable
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult as TorchPassResult
 from torch.fx.passes.infra.pass_manager import PassManager as TorchPassManager
@@ -17,6 +16,7 @@ import fxrewrite
 from fxrewrite.artifacts import onnxruntime_outputs, save
 from fxrewrite.capture import trace
 from fxrewrite.exported import rewrite_exported
+from fxrewrite.passes import DepthwiseSeparable
 
 #: ONNX (onnxruntime, CPU) vs eager PyTorch, float32: the largest |difference| accepted on these models' outputs
 ONNX_ATOL = 1e-4

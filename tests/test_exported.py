@@ -139,3 +139,14 @@ def test_rewrite_exported_rejects_bad_arguments() -> None:
     ep = torch.export.export(nn.Conv2d(4, 4, 3), (torch.randn(1, 4, 8, 8),))
     with pytest.raises(ConfigError, match=r"\(x,\)"):
         rewrite_exported(ep, torch.randn(1, 4, 8, 8), "grouped{groups=2}")
+
+
+def test_rewrite_of_an_exported_program_refuses_options_it_cannot_honour() -> None:
+    import fxrewrite
+    x = torch.randn(1, 4, 8, 8)
+    ep = torch.export.export(nn.Conv2d(4, 4, 3), (x,))
+    for kwargs, named in (({"target": fxrewrite.Target(macs=0.5)}, "target"), ({"partial": True}, "partial"),
+                          ({"leaf_modules": ["m"]}, "leaf_modules"), ({"calibration": [(x,)]}, "calibration"),
+                          ({"concrete_args": {}, "drop_hooks": True}, "drop_hooks, concrete_args")):
+        with pytest.raises(ConfigError, match=f"^{named} not supported for an ExportedProgram"):
+            fxrewrite.rewrite(ep, (x,), "grouped{groups=2}", **kwargs)

@@ -10,6 +10,7 @@ import torch
 import torchvision
 from torch import nn
 from torch.fx.passes.infra.pass_manager import PassManager as TorchPassManager
+from torch.utils.flop_counter import FlopCounterMode
 
 import fxrewrite
 from fxrewrite import factorize
@@ -293,6 +294,28 @@ def test_records_costs_are_the_conv_formulas() -> None:
         assert dict(rec.options) == parse_pipeline(passes)[0].options()
         assert model_cost(result.module).macs == macs_after
         assert model_cost(result.module).params == params_after
+
+
+@pytest.mark.parametrize("passes", ["depthwise-separable{rank=2}", "grouped-separable{groups=3, rank=4}",
+                                    "grouped{groups=2}", "depthwise-bottleneck{rank=4, max_iter=1}",
+                                    "grouped-bottleneck{groups=2, rank=4, max_iter=1}"])
+def test_record_costs_of_a_strided_site_equal_flop_counter_mode(passes: str) -> None:
+    """Each conv of a replacement is counted at the resolution it runs at: a bottleneck's first 1x1 sees the
+    11 x 13 input of this stride-2 site, the strided kxk and the rest its 6 x 7 output."""
+    model = nn.Sequential(nn.Conv2d(6, 10, (3, 5), stride=2, padding=(1, 2)))
+    x = torch.randn(3, 6, 11, 13)
+    (planned,) = fxrewrite.plan(model, (x,), passes=passes).records
+    result = fxrewrite.rewrite(model, (x,), passes=passes, verify=False)
+    (rec,) = result.report.records
+    replacement = result.module.get_submodule("0")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        replacement(x)
+    assert counter.get_total_flops() % 2 == 0
+    assert planned.macs_after == rec.macs_after == counter.get_total_flops() // 2 == model_cost(result.module).macs
+    assert planned.params_after == rec.params_after == sum(p.numel() for p in replacement.parameters())
+    if "bottleneck" in passes:  # 1x1 6 -> 4 at 11 x 13, kxk 4 -> 4 at 6 x 7, 1x1 4 -> 10 at 6 x 7
+        groups = 2 if passes.startswith("grouped") else 4
+        assert rec.macs_after == 3 * (11 * 13 * 4 * 6 + 6 * 7 * 4 * (4 // groups) * 15 + 6 * 7 * 10 * 4)
 
 
 def test_rank_too_large_and_pointwise_kernels_are_skipped_with_reasons() -> None:

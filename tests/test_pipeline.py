@@ -79,11 +79,20 @@ def test_every_problem_is_reported_together() -> None:
     ("grouped{groups=4", "unbalanced '{'"),
     ("grouped}", "unbalanced '}'"),
     ("grouped{groups}", "option 'groups' needs a value"),
+    ("grouped{groups=2, groups=4}", "grouped: option 'groups' is given more than once"),
+    ("depthwise-separable{rank=2,init=svd,rank=2}", "depthwise-separable: option 'rank' is given more than once"),
     ("", "empty pipeline"),
 ])
 def test_invalid_pipelines(text: str, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace("{", r"\{").replace("}", r"\}")):
         parse_pipeline(text)
+
+
+def test_a_repeated_option_names_the_option_the_pass_and_both_values() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_pipeline("depthwise-separable{rank=1},grouped{groups=2, init=block, groups=4}")
+    assert str(info.value) == ("invalid pipeline: grouped: option 'groups' is given more than once (groups=2, "
+                               "groups=4); give it once")
 
 
 def gm_of(model: nn.Module) -> torch.fx.GraphModule:

@@ -109,6 +109,40 @@ def test_plan_and_meta_reports_follow_the_schema() -> None:
     assert validate(Report(()).to_dict()) == []
 
 
+class Hidden(nn.Module):
+    """conv -> block (a leaf module holding a conv): block.0 is not a site."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.conv(x))
+
+
+def test_convs_that_are_not_sites_are_in_every_rendering_and_the_rule_column_shows_the_winner() -> None:
+    x = torch.ones(1, 4, 8, 8)
+    plan = fxrewrite.plan(Hidden().eval(), (x,), passes="grouped{groups=2}", leaf_modules=["block"],
+                          select=["conv"])
+    report = plan.report
+    assert [h.name for h in report.not_visible] == ["block.0"]
+    text = str(report)
+    assert ("\nnot visible (convolutions the graph does not call; never rewritten):\n  block.0: not-visible: "
+            "inside 'block'") in text
+    header, _, row = text.splitlines()[1:4]
+    assert header.split() == ["site", "pass", "rule", "params", "MACs", "weight", "rel.", "error", "status"]
+    assert row.split()[:3] == ["conv", "grouped", "conv"]  # the rule that selected the site
+    assert "- `block.0: not-visible: inside 'block'" in report.to_markdown()
+    doc = report.to_dict()
+    assert validate(doc) == []
+    assert doc["context"]["not_visible"] == [{"name": "block.0", "container": "block", "code": "not-visible",
+                                              "reason": report.not_visible[0].reason.text}]
+    listing = str(fxrewrite.plan(Hidden().eval(), (x,), leaf_modules=["block"]))  # no passes: the sites table
+    assert listing.splitlines()[-2:] == report.not_visible_lines()
+    assert "rule" not in str(fxrewrite.plan(Hidden().eval(), (x,), passes="grouped{groups=2}").report).split("\n")[1]
+
+
 def test_the_validator_reports_every_mismatch_with_its_path(golden: fxrewrite.RewriteResult) -> None:
     doc = json.loads(golden.report.to_json())
     del doc["passes"]

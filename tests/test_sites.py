@@ -11,7 +11,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fxrewrite.capture import trace
 from fxrewrite.shapes import propagate_shapes
-from fxrewrite.sites import REWRITE_KINDS, ConvSpec, check_groups, find_sites
+from fxrewrite.sites import (
+    DROP_HOOKS_KEY,
+    REWRITE_KINDS,
+    ConvSpec,
+    Reason,
+    check_groups,
+    dropping_hooks,
+    find_sites,
+    hidden_convs,
+)
 
 
 def sites_of(model: nn.Module, size: int = 16, **capture: object) -> list:
@@ -168,6 +177,42 @@ def test_conv_inside_a_leaf_module_is_not_a_site(seeded: None) -> None:
     model = models.Residual()
     names = [s.name for s in sites_of(model, leaf_modules=["body"])]
     assert names == ["stem", "shortcut", "grouped"]
+
+
+def test_groups_incompatible_reason_names_the_channels(seeded: None) -> None:
+    site = next(s for s in sites_of(models.Residual()) if s.name == "grouped")  # 32 -> 32, groups=4
+    why = check_groups(site, 6, out_divisible=True)
+    assert why == Reason("groups-incompatible", "grouped: groups=6 is not a multiple of the existing groups=4 "
+                         "(in_channels=32, out_channels=32); valid: [4, 8, 16, 32].")
+
+
+def test_hooked_convs_are_sites_only_while_dropping_hooks(seeded: None) -> None:
+    model = models.HookedConv()
+    model.hooked.register_forward_pre_hook(lambda m, args: None)
+    gm = trace(model)
+    propagate_shapes(gm, (example_input(model),))
+    blocked = find_sites(gm)
+    assert [(s.name, s.blocker.code if s.blocker else None, s.hooks) for s in blocked] == [
+        ("hooked", "module-hooks", 2), ("plain", None, 0)]
+    with dropping_hooks(gm):
+        allowed = find_sites(gm)
+    assert [(s.name, s.blocker, s.hooks) for s in allowed] == [("hooked", None, 2), ("plain", None, 0)]
+    assert allowed[0].eligibility == allowed[1].eligibility  # both 3x3 convs: the same verdict per kind
+    assert find_sites(gm) == blocked and DROP_HOOKS_KEY not in gm.meta  # only inside the block
+    with dropping_hooks(gm, enabled=False):
+        assert find_sites(gm) == blocked
+
+
+def test_convs_the_traced_forward_never_calls_are_listed_against_the_original(seeded: None) -> None:
+    model = models.FlagForward()
+    gm = trace(model, concrete_args={"use_second": False})
+    assert hidden_convs(gm) == []  # the trace keeps only the modules its graph uses
+    listed = hidden_convs(gm, model)
+    assert [(h.name, h.container, h.reason.code) for h in listed] == [("second", None, "not-visible")]
+    assert "the traced module does not hold it" in listed[0].reason.text
+    leaf = trace(models.SubmoduleDataDependent(), leaf_modules=["block"])
+    assert [(h.name, h.container) for h in hidden_convs(leaf, models.SubmoduleDataDependent())] == [
+        ("block.conv", "block")]  # held by the leaf module: listed once, with its container
 
 
 def test_finding_sites_is_pure(seeded: None) -> None:

@@ -107,6 +107,43 @@ def test_exact_rewrites_pass_at_float_level(seeded: None) -> None:
     assert v.raise_if_failed() is v
 
 
+class InPlaceBetweenReaders(nn.Module):
+    """Two convs read one tensor, and an in-place ReLU changes it between them; an in-place add then changes the
+    first conv's output after it was computed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 8, 3, padding=1)
+        self.b = nn.Conv2d(4, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x * 2
+        a = self.a(y)  # reads y before the ReLU
+        torch.relu_(y)
+        b = self.b(y)  # reads y after it
+        a += b
+        return a
+
+
+def test_in_place_ops_do_not_reach_the_recorded_site_values(seeded: None) -> None:
+    model = InPlaceBetweenReaders().eval()
+    x = torch.randn(2, 4, 10, 10)
+    x_before = x.clone()
+    new = _rewrite(model, x, "depthwise-separable{rank=exact}")
+    v = fxrewrite.verify(model, new, (x,))
+    assert v.ok, v.failures
+    assert [s.site for s in v.sites] == ["a", "b"]
+    assert all(s.local.rel_l2 < 1e-6 and s.accumulated.rel_l2 < 1e-6 for s in v.sites)
+    with torch.no_grad():  # what each site is compared with: the conv on the input it read
+        y = x * 2
+        want_a = model.a(y)
+        want_b = model.b(torch.relu(y))
+        torch.testing.assert_close(new.a(y), want_a)
+        torch.testing.assert_close(new.b(torch.relu(y)), want_b)
+        torch.testing.assert_close(new(x), want_a + want_b)
+    assert torch.equal(x, x_before)  # the example input itself is never modified
+
+
 # ---------------------------------------------------------------------------------------- broken rewrites
 
 
