@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fxrewrite.factorize import dense_weight
+from fxrewrite.factorize import dense_weight, one_thread
 
 __all__ = [
     "BottleneckFit",
@@ -315,6 +315,7 @@ def _tucker(w: _Unfolded, ro: int, ri: int, tol: float, max_iter: int
     return start, (u, v, core), err0, (half + 1) // 2, converged
 
 
+@one_thread()
 def tucker2(weight: Tensor, rank_in: int, rank_out: int, *, source_groups: int = 1, tol: float | None = None,
             max_iter: int = DEFAULT_MAX_ITER) -> BottleneckFit:
     """Tucker-2 fit ``1x1 (I -> rank_in) -> kxk (rank_in -> rank_out) -> 1x1 (rank_out -> O)``: ST-HOSVD, then HOOI.
@@ -618,6 +619,7 @@ def _chunked(w3: Tensor, g: int, r: int, chunk: int) -> Factors:
     return u, c, v
 
 
+@one_thread()
 def block_term(weight: Tensor, groups: int, rank: int, *, source_groups: int = 1, tol: float | None = None,
                max_iter: int = DEFAULT_MAX_ITER, init: str = "svd", seed: int = 0) -> BottleneckFit:
     """Block-term fit ``1x1 (I -> rank) -> kxk (rank -> rank, groups) -> 1x1 (rank -> O)``.

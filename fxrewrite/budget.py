@@ -427,11 +427,11 @@ def separable_output_errors(stats: SiteStats, groups: int) -> np.ndarray:
     for b in range(big_g):
         a = stats.weight[b].reshape(m, q, c).transpose(0, 1)  # (q, m, c): the slices A_i of this source group
         if c <= m:  # tall slices (as factorize computes them): right vectors V, left Gram V^T A_x^T A_y V
-            with _one_thread():  # batched eigh: threads only synchronise
+            with factorize.one_thread():  # batched eigh: threads only synchronise
                 right = torch.linalg.eigh(a.mT @ a).eigenvectors.flip(-1)  # (q, c, c), descending
             left = _block_quad(stats.compute("weight_gram")[b], right)
         else:  # wide slices: left vectors U, right factors A^T U = V S
-            with _one_thread():
+            with factorize.one_thread():
                 u = torch.linalg.eigh(a @ a.mT).eigenvectors.flip(-1)  # (q, m, m)
             right = a.mT @ u
             flat = u.transpose(0, 1).reshape(m, q * k).to(stats.compute("gram").dtype)
@@ -555,20 +555,6 @@ def group_spectra(weight: Tensor, source_groups: int, levels: Iterable[int]) -> 
             tall[g] = a.mT @ a
     grams |= tall
     return {g: torch.linalg.eigvalsh(grams[g]).flip(-1).clamp_min(0.0) for g in levels}
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """The spectra are many small GEMMs and batched ``eigvalsh`` calls that spend their time synchronising threads
-    (4-15x slower with two threads than with one on a busy 2-core machine); run them on one, then restore."""
-    threads = torch.get_num_threads()
-    if threads > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if threads > 1:
-            torch.set_num_threads(threads)
 
 
 def _pareto_mask(a: np.ndarray) -> np.ndarray:
@@ -1338,7 +1324,7 @@ def _infeasible(target: Target, what: str, frac: float, before: float, fixed: fl
 def _site_candidates(site: ConvSite, weight: Tensor, forms: Sequence[Form], stats: SiteStats | None
                      ) -> list[Candidate]:
     cands = [_candidate(KEEP, {}, site.macs, site.params, 0.0)]
-    with _one_thread() if stats is None else contextlib.nullcontext():  # calibration: large GEMMs, all threads
+    with factorize.one_thread() if stats is None else contextlib.nullcontext():  # calibration: large GEMMs, all threads
         for f in forms:
             cands.extend(f.candidates(site, weight) if stats is None else f.candidates(site, weight, stats))  # type: ignore[call-arg]
     return _prune(cands)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fxrewrite.factorize import dense_weight
+from fxrewrite.factorize import dense_weight, one_thread
 
 __all__ = [
     "Grouping",
@@ -316,6 +316,7 @@ def _cluster_start(k: int, space: Space, terms: Sequence[Term]) -> Tensor:
     return assignment
 
 
+@one_thread()
 def search(spaces: Sequence[Space], terms: Sequence[Term]) -> Search:
     """Groupings of ``spaces`` that keep the most summed energy fraction of ``terms``; fixed spaces keep the natural
     grouping and every term keeps at least its natural energy (see the module docstring)."""
@@ -337,6 +338,7 @@ def search(spaces: Sequence[Space], terms: Sequence[Term]) -> Search:
     return Search(tuple(best), tuple(kept), tuple(kept_natural))
 
 
+@one_thread()
 def best_grouping(weight: Tensor, *, groups: int, source_groups: int = 1, permute_out: bool = True,
                   permute_in: bool = True) -> Grouping:
     """The output and input permutations of one conv weight that keep the most energy in ``groups`` diagonal
