@@ -3,13 +3,14 @@ path); the ``slow`` marker is registered in pyproject.toml."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 from torch import nn
 
 from fxrewrite.capture import trace
+from fxrewrite.factorize import one_thread as _one_torch_thread
 from fxrewrite.shapes import propagate_shapes
 
 
@@ -29,3 +30,11 @@ def traced(seeded: None) -> Callable[..., torch.fx.GraphModule]:
         return gm
 
     return run
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Run a test module on one torch thread: small convolutions and factorisations run fastest so (intra-op threads
+    only spin-wait on a busy 2-core machine). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    with _one_torch_thread():
+        yield

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -27,13 +26,8 @@ from fxrewrite.passes.base import parse_pipeline
 from fxrewrite.passes.bottleneck import DepthwiseBottleneck, GroupedBottleneck
 from fxrewrite.shapes import propagate_shapes
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: extra threads only add overhead on a shared machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def _rewrite(model: nn.Module, x: torch.Tensor, *passes: Any) -> fxrewrite.RewriteResult:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,16 +23,11 @@ from fxrewrite.errors import ConfigError
 from fxrewrite.replay import RewritePlan, apply_plan, plan_from_result
 from fxrewrite.shapes import propagate_shapes
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # tall-Gram group counts only: the wide (O x O) spectra of 512-channel convs are slow on a loaded 2-core machine
 RESNET_FORMS = ("depthwise-separable", "grouped-separable{groups=32}", "grouped")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _traced(model: nn.Module, *inputs: torch.Tensor) -> torch.fx.GraphModule:

@@ -3,8 +3,6 @@ first step), site terms add to it, and the inputs are untouched."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -13,13 +11,8 @@ import fxrewrite
 from fxrewrite.distill import distill
 from fxrewrite.errors import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _setup() -> tuple[nn.Module, torch.fx.GraphModule, list[tuple[torch.Tensor]]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,16 +20,10 @@ from torch import nn
 
 import fxrewrite
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 H, W = 7, 9  # small spatial size: the whole oracle stays well under a minute
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny convolutions run fastest on one thread (intra-op threads only spin-wait on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 KERNELS = [(3, 3), (3, 1), (1, 5), (2, 2), (5, 3)]
 PADDINGS: list[Any] = [0, 1, (2, 1), "same", "valid"]

@@ -4,7 +4,6 @@ whole (lists of images, data-dependent control flow), with the rest left eager a
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import models
 import pytest
@@ -22,17 +21,11 @@ from fxrewrite.models import example_inputs, is_image_list_model, load_model
 from fxrewrite.partial import LeftAlone, rewrite_partial
 from fxrewrite.select import Rule
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EXACT = "depthwise-separable{rank=exact}"
 MODELS_FILE = os.path.basename(models.__file__)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: small inputs, and on a busy 2-core box spinning worker threads cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rewritten(report: fxrewrite.Report) -> list[str]:

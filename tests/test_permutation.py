@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -34,13 +33,8 @@ from fxrewrite.rewriter import permute_channels
 from fxrewrite.select import Rule
 from fxrewrite.shapes import propagate_shapes
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def hidden_block_weight(out_ch: int, in_ch: int, groups: int, kernel: int = 3, *,

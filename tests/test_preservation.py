@@ -9,7 +9,6 @@ import io
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,16 +16,11 @@ from torch import nn
 
 import fxrewrite
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SEPARABLE = ("depthwise-separable{rank=2}", "grouped-separable{groups=2, rank=2}")
 ALL_PASSES = (*SEPARABLE, "grouped{groups=2}")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _rewrite(model: nn.Module, x: torch.Tensor, passes: str) -> fxrewrite.RewriteResult:

@@ -22,14 +22,8 @@ import fxrewrite
 from fxrewrite.errors import ConfigError
 from fxrewrite.repair import im2col, load_calibration, repair
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny convolutions run fastest on one thread (intra-op threads only spin-wait on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(seed: int = 0) -> nn.Sequential:

@@ -51,7 +51,7 @@ from fxrewrite.models import torchvision_names
 from fxrewrite.passes import PassManager, parse_pipeline
 from fxrewrite.sites import find_sites
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 #: pass kind -> pipeline; group counts that divide most torchvision channel counts (sites they do not divide are
 #: skipped with a reason, and counted)
@@ -363,15 +363,6 @@ def numbers_ok(p: PassOutcome, dtype: torch.dtype = torch.float64) -> bool:
 
 # -------------------------------------------------------------------------------------------------- tests
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: the inputs are small, and on a busy 2-core box spinning worker threads cost more than
-    they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_the_sweep_covers_every_model() -> None:
