@@ -62,7 +62,9 @@ def _ort_session(module: nn.Module, x: torch.Tensor) -> Callable[[], Any] | None
     import io
     buf = io.BytesIO()
     torch.onnx.export(module, (x,), buf, dynamo=False, input_names=["x"])
-    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the same thread count as the eager runs
+    sess = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
     feed = {"x": x.numpy()}
     return lambda: sess.run(None, feed)
 
@@ -74,8 +76,11 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8)")
     parser.add_argument("--models", default=None, help="comma-separated torchvision model names")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: stable on a shared 2-core machine)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     device = args.device
     models = ["resnet18"] if args.quick else ["resnet18", "resnet50", "vgg16"]
     batches = [1] if args.quick else [1, 8]
@@ -113,7 +118,8 @@ def main(argv: list[str] | None = None) -> str:
                             print(rows[-1], file=sys.stderr)
     threads = torch.get_num_threads()
     notes = [f"latency: median of {runs} runs after 2 warm-ups, original and rewritten measured back to back; "
-             f"torch threads = {threads}; input 224x224; MACs = multiply-adds of the whole model (bias not counted)",
+             f"torch and onnxruntime intra-op threads = {threads}; input 224x224; MACs = multiply-adds of the whole "
+             "model (bias not counted)",
              "realised = (1 - latency ratio) / (1 - MAC ratio): 1.0 means the latency fell as much as the MACs"]
     headers = ["model", "rewrite", "batch", "backend", "MAC ratio", "orig ms", "new ms", "latency ratio", "realised"]
     suffix = ("_quick" if args.quick else "") + ("" if device == "cpu" else f"_{device}")
