@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> str:
     notes = [
         "MACs: conv + linear + matmul + attention, 1 MAC = one multiply-add, bias not counted (FLOPs = 2 x MACs); "
         "diff = fxrewrite - counter (0 = exact agreement). fvcore has no count for scaled_dot_product_attention and "
-        "rounds einsum counts (swin_t, maxvit_t, vit_b_16 differ by those, see tests/test_cost.py).",
+        "rounds einsum counts (swin_t, maxvit_t, vit_b_16 differ by those, see tests/test_cost_zoo.py).",
         "fxrewrite from module = symbolic_trace + FakeTensorProp + model_cost (no real compute); model_cost alone = "
         "the count on a graph that already carries shapes (a rewrite has them anyway); FlopCounterMode = one real "
         "forward pass under the counter; fvcore = jit trace + count, one run. Medians of the runs, same process.",
