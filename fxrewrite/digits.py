@@ -32,6 +32,8 @@ from tabulate import tabulate
 from torch import nn
 
 FORMS = ("depthwise-separable", "grouped-separable", "grouped")
+#: opt-in forms (``--forms``): name -> (the form whose costs and options it shares, the pipeline that applies it)
+EXTRA_FORMS = {"grouped-permuted": ("grouped", "grouped{permute=true}")}
 TARGETS = (2.0, 4.0)
 SEPARABLE_GROUPS = 4  # the group count of the grouped-separable form; its rank is chosen per site
 
@@ -362,9 +364,10 @@ def _run_demo(forms: Sequence[str], targets: Sequence[float], epochs: int, width
     rows = []
     for form in forms:
         for target in targets:
-            choice = choose_options(shapes, form, target)
+            family, pipeline = EXTRA_FORMS.get(form, (form, form))
+            choice = choose_options(shapes, family, target)
             rules = [fxrewrite.Rule(site, options=opts) for site, opts in choice.options.items()]
-            result = fxrewrite.rewrite(model, (example,), passes=form, select=rules, verify=False)
+            result = fxrewrite.rewrite(model, (example,), passes=pipeline, select=rules, verify=False)
             context = result.report.context
             t1 = time.perf_counter()
             repaired = repair(model, result.module, calib, progress=progress)
@@ -397,7 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer epochs and distillation steps")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--distill-steps", type=int, default=None)
-    parser.add_argument("--forms", default=",".join(FORMS), help="comma-separated forms")
+    parser.add_argument("--forms", default=",".join(FORMS),
+                        help=f"comma-separated forms ({', '.join((*FORMS, *EXTRA_FORMS))})")
     parser.add_argument("--targets", default=",".join(f"{t:g}" for t in TARGETS), help="comma-separated MAC ratios")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: fastest here)")
@@ -406,9 +410,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     epochs = args.epochs if args.epochs is not None else (8 if args.quick else 15)
     steps = args.distill_steps if args.distill_steps is not None else (50 if args.quick else 150)
     forms = [f.strip() for f in args.forms.split(",") if f.strip()]
-    bad = [f for f in forms if f not in FORMS]
+    bad = [f for f in forms if f not in FORMS and f not in EXTRA_FORMS]
     if bad:
-        parser.error(f"unknown form(s) {bad}; forms: {', '.join(FORMS)}")
+        parser.error(f"unknown form(s) {bad}; forms: {', '.join((*FORMS, *EXTRA_FORMS))}")
     targets = [float(t) for t in args.targets.split(",") if t.strip()]
     result = run_demo(forms=forms, targets=targets, epochs=epochs, distill_steps=steps, seed=args.seed,
                       progress=sys.stderr.isatty(), threads=args.threads)

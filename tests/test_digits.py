@@ -13,7 +13,6 @@ from fxrewrite import digits
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
 def test_short_demo_run() -> None:
     result = digits.run_demo(targets=(2.0,), epochs=5, calib_batches=4, distill_steps=3)
     assert result.acc_original > 90.0
@@ -51,3 +50,12 @@ def test_chosen_options_meet_the_target_by_fxrewrites_cost_model(form: str, targ
             bigger = choice.macs_after - digits.conv_macs(shapes[site], form, opts) + digits.conv_macs(
                 shapes[site], form, ladder[i + 1])
             assert bigger * target > choice.macs_before
+
+
+def test_the_permuted_grouped_form_keeps_more_weight_at_the_same_cost() -> None:
+    result = digits.run_demo(forms=("grouped", "grouped-permuted"), targets=(2.0,), epochs=3, calib_batches=2,
+                             distill_steps=0)
+    natural, permuted = result.rows
+    assert (permuted.form, permuted.options) == ("grouped-permuted", natural.options)
+    assert (permuted.conv_macs_after, permuted.params_after) == (natural.conv_macs_after, natural.params_after)
+    assert permuted.weight_rel_error <= natural.weight_rel_error  # the search never keeps less energy at a site
