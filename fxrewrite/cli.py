@@ -98,6 +98,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="only touch matching sites (repeatable; a selector that matches nothing is an error)")
     p.add_argument("--partial", action="store_true",
                    help="for models that do not trace as a whole: rewrite the largest submodules that do")
+    p.add_argument("--drop-hooks", action="store_true",
+                   help="rewrite convs that have forward hooks, dropping the hooks (skipped with module-hooks "
+                        "otherwise)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--markdown", action="store_true", help="print the report as Markdown")
 
@@ -198,7 +201,8 @@ def _run_model_command(args: argparse.Namespace) -> tuple[str, int]:
     select = args.select or None
     if args.command == "plan":
         planned = exported_graph_module(model) if exported else model
-        result: Any = fxrewrite.plan(planned, inputs, passes, select=select, partial=args.partial, **capture)
+        result: Any = fxrewrite.plan(planned, inputs, passes, select=select, partial=args.partial,
+                                     drop_hooks=args.drop_hooks, **capture)
         if args.json:
             sites = [dataclasses.asdict(s) for s in result.sites]
             doc = {"sites": sites, "plan": result.report.to_dict()}
@@ -223,7 +227,7 @@ def _run_model_command(args: argparse.Namespace) -> tuple[str, int]:
         forms = parse_forms(args.forms) if args.forms else None
     result = fxrewrite.rewrite(model, inputs, passes, select=select, **capture, verify=verify, rtol=args.rtol,
                                atol=args.atol, latency=args.latency, calibration=calibration, target=target,
-                               forms=forms, partial=args.partial)
+                               forms=forms, partial=args.partial, drop_hooks=args.drop_hooks)
     if result.budget is not None:
         print(result.budget.table(result), file=sys.stderr)
         if args.budget_plan:
@@ -247,8 +251,8 @@ def _run_model_command(args: argparse.Namespace) -> tuple[str, int]:
 def _check_exported_options(args: argparse.Namespace) -> None:
     """A .pt2 program is captured already and rewritten as a whole: the capture and whole-model options do not
     apply to it."""
-    options = ("concrete_arg", "leaf_module", "partial", "calibration", "target_macs", "target_params",
-               "target_latency")
+    options = ("concrete_arg", "leaf_module", "partial", "drop_hooks", "calibration", "target_macs",
+               "target_params", "target_latency")
     given = ["--" + name.replace("_", "-") for name in options if getattr(args, name, None) not in (None, False, [])]
     if given:
         raise UsageError(f"{', '.join(given)}: not for a .pt2 program (it is captured already); rewrite "

@@ -62,6 +62,16 @@ def test_plan_with_select_and_zoo_model_spec(capsys: pytest.CaptureFixture[str])
     assert records["body.2"]["code"] == "not-selected" and records["stem"]["code"] == "not-selected"
 
 
+def test_drop_hooks_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["plan", "models:HookedConv", "--input-shape", "1,4,8,8", "--pass", "depthwise-separable{rank=exact}",
+            "--json"]
+    for extra, status, dropped in (([], "skipped", None), (["--drop-hooks"], "planned", 1)):
+        assert main(argv + extra) == EXIT_OK
+        hooked = json.loads(capsys.readouterr().out)["plan"]["records"][0]
+        assert (hooked["site"], hooked["status"], hooked["details"].get("dropped_hooks")) == ("hooked", status,
+                                                                                             dropped)
+
+
 def test_passes_lists_every_pass_with_its_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["passes"]) == EXIT_OK
     out = capsys.readouterr().out
