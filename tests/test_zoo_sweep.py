@@ -3,7 +3,7 @@ detection model is traced, planned and rewritten with each pass kind; the result
 numerically and exported.
 
 Two tiers keep the file inside its CI budget (measured on 2 cores shared with other work, load ~4: structure
-tier 4 min 52 s, numbers tier 3 min 8 s):
+tier 4 min 52 s; numbers tier 3 min 8 s with 7 models, now 3):
 
 - **structure, every model** (``test_structure``): the model is built on the meta device (no weights in memory, no
   compute), traced, run on meta tensors for its shapes (fxrewrite's own FakeTensor propagation is checked on every
@@ -18,12 +18,11 @@ tier 4 min 52 s, numbers tier 3 min 8 s):
   depthwise-separable pass goes through ``torch.export`` and must compute what the rewritten module computes. CI runs
   this tier in float32 (``CI_DTYPE``): float64 depthwise convolutions take a slow reference path on the CPU (20x
   slower, measured on resnet18), so float64 is left to the script, which runs it on every model.
-  The subset has one model per structural idea (residual, inverted residual + squeeze-excite, channel split and
-  shuffle, fire modules, grouped convs, each segmentation head, each detection-backbone kind); the others are not
-  numerically checked here because CPU runs of the large models do not fit the budget, and
-  ``tests/test_zoo_rewrite.py`` already checks depthwise-separable{rank=exact} numerically on every classification
-  model. ``benchmarks/zoo_sweep_table.py`` runs both tiers on *every* model (and exports every result) and writes
-  the table in ``docs/zoo_sweep.md``.
+  The subset is one classification model (for its export round trip), a segmentation model and a detection
+  backbone; the others are not numerically checked here because CPU runs do not fit the budget, and
+  ``tests/test_zoo_rewrite.py`` already checks every exact kind numerically on every classification model.
+  ``benchmarks/zoo_sweep_table.py`` runs both tiers on *every* model (and exports every result) and writes the table
+  in ``docs/zoo_sweep.md``.
 
 Failures that are expected are listed below with their reason and asserted to fail as stated, so a fix turns them
 into test failures and the lists get updated; nothing is skipped.
@@ -152,12 +151,11 @@ BY_NAME = {e.name: e for e in ZOO}
 EXPECTED_STRUCTURE_FAILURES: dict[str, str] = {}
 
 #: the numerically checked subset (see the module docstring for why these)
+#: (classification models are checked numerically one by one in tests/test_zoo_rewrite.py; resnet18 stays here
+#: for its torch.export round trip; mobilenet_v3_small, shufflenet_v2_x0_5, squeezenet1_1 and regnet_x_400mf were
+#: dropped from CI to keep `make test-zoo` near its budget, and still run in benchmarks/zoo_sweep_table.py)
 NUMERIC_SUBSET = (
     "resnet18",  # residual blocks, BN, 1x1 projection shortcuts
-    "mobilenet_v3_small",  # inverted residuals, depthwise convs (left alone), squeeze-excite 1x1 convs, hardswish
-    "shufflenet_v2_x0_5",  # channel split, concat and channel shuffle around the convs
-    "squeezenet1_1",  # fire modules: 1x1 / 3x3 expand branches concatenated, conv -> ReLU(inplace)
-    "regnet_x_400mf",  # grouped 3x3 convs (groups > 1 already)
     "deeplabv3_mobilenet_v3_large",  # segmentation: dilated backbone, ASPP with image pooling, dict output, upsampling
     "fasterrcnn_mobilenet_v3_large_320_fpn",  # detection backbone: MobileNetV3 + FPN, dict of feature maps
 )
