@@ -181,6 +181,9 @@ class Target:
                               "totals), e.g. Target(macs=0.5)")
         if self.backend not in BACKENDS:
             raise ConfigError(f"Target: unknown latency backend {self.backend!r}; valid: {', '.join(BACKENDS)}")
+        if latency is None and self.backend != "eager":
+            raise ConfigError(f"Target: backend={self.backend!r} only applies to a latency target; add latency=, "
+                              "e.g. Target(latency=0.5, backend=...)")
         object.__setattr__(self, "macs", macs)
         object.__setattr__(self, "params", params)
         object.__setattr__(self, "latency", latency)

@@ -162,20 +162,32 @@ def _sync(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
+def time_round_robin(calls: Sequence[Callable[[], Any]], runs: int, warmup: int,
+                     sync: Callable[[], None]) -> list[list[float]]:
+    """Seconds per call of each of ``calls``, timed in turn (one call of each per round, so load on the machine
+    reaches all of them alike) after ``warmup`` rounds; ``sync`` waits for an accelerator.
+
+    >>> [len(t) for t in time_round_robin([lambda: None, lambda: None], runs=3, warmup=1, sync=lambda: None)]
+    [3, 3]
+    """
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    sync()
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(runs):
+        for call, out in zip(calls, times, strict=True):
+            start = time.perf_counter()
+            call()
+            sync()
+            out.append(time.perf_counter() - start)
+    return times
+
+
 def _time_pair(a: Callable[[], Any], b: Callable[[], Any], runs: int, warmup: int,
                sync: Callable[[], None]) -> tuple[list[float], list[float]]:
     """Seconds per call of ``a`` and ``b``, timed alternately after ``warmup`` calls of each."""
-    for _ in range(warmup):
-        a()
-        b()
-    sync()
-    ta, tb = [], []
-    for _ in range(runs):
-        for fn, out in ((a, ta), (b, tb)):
-            start = time.perf_counter()
-            fn()
-            sync()
-            out.append(time.perf_counter() - start)
+    ta, tb = time_round_robin((a, b), runs, warmup, sync)
     return ta, tb
 
 

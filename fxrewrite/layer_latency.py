@@ -50,7 +50,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +60,7 @@ import torch
 from torch import nn
 
 from fxrewrite.errors import ConfigError
+from fxrewrite.latency import _ort_session, time_round_robin
 from fxrewrite.sites import ConvSite, ConvSpec
 
 __all__ = ["BACKENDS", "KEEP", "LayerConfig", "LayerLatency", "Timer", "build_module", "clear_memory_cache",
@@ -152,27 +152,7 @@ def clear_memory_cache() -> None:
 # ----------------------------------------------------------------------------------------------------- timing
 
 
-def _median_ms(samples: Sequence[float]) -> float:
-    return statistics.median(samples) * 1e3
-
-
-def _round_robin(calls: Sequence[Callable[[], Any]], runs: int, warmup: int, sync: Callable[[], None]) -> list[float]:
-    for _ in range(warmup):
-        for call in calls:
-            call()
-    sync()
-    times: list[list[float]] = [[] for _ in calls]
-    for _ in range(runs):
-        for call, out in zip(calls, times, strict=True):
-            start = time.perf_counter()
-            call()
-            sync()
-            out.append(time.perf_counter() - start)
-    return [_median_ms(t) for t in times]
-
-
 def _ort_calls(modules: Sequence[nn.Module], x: torch.Tensor, threads: int) -> tuple[list[Callable[[], Any]], Any]:
-    from fxrewrite.latency import _ort_session
     try:
         ort = importlib.import_module("onnxruntime")
     except ImportError as exc:
@@ -216,7 +196,8 @@ class _ModuleTimer:
             else:
                 calls = [functools.partial(m, x) for m in modules]
             try:
-                return _round_robin(calls, self.runs, self.warmup, sync)
+                times = time_round_robin(calls, self.runs, self.warmup, sync)
+                return [statistics.median(t) * 1e3 for t in times]
             finally:
                 if keep_alive is not None:
                     keep_alive.cleanup()

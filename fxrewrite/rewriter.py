@@ -52,12 +52,8 @@ def _conv_val(val: Any, conv: nn.Module) -> Any:
     if not isinstance(val, torch.Tensor):
         return None
     try:
-        from fxrewrite.shapes import conv_output_shape
-        if isinstance(conv, nn.Conv2d):
-            shape = conv_output_shape(tuple(val.shape), conv)
-        else:
-            shape = tuple(conv(torch.empty(val.shape, dtype=val.dtype, device="meta")).shape)
-        return val.new_empty(shape)
+        from fxrewrite.shapes import step_output_shape
+        return val.new_empty(step_output_shape(tuple(val.shape), conv, val.dtype))
     except Exception:  # metadata is best effort: a missing value only loses cost figures, never correctness
         return None
 

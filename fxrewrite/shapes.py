@@ -192,3 +192,18 @@ def conv_output_shape(input_shape: tuple[int, ...], conv: torch.nn.Conv2d) -> tu
         else:
             sizes.append((size + 2 * conv.padding[i] - d * (k - 1) - 1) // s + 1)
     return (*lead, conv.out_channels, *sizes)
+
+
+def step_output_shape(input_shape: tuple[int, ...], step: torch.nn.Module,
+                      dtype: torch.dtype = torch.float32) -> tuple[int, ...]:
+    """Output shape of one step of a replacement: a Conv2d by :func:`conv_output_shape`, anything else (a shape-only
+    step such as a channel repeat) by running it on a meta tensor.
+
+    >>> step_output_shape((1, 4, 8, 8), torch.nn.Conv2d(4, 6, 3))
+    (1, 6, 6, 6)
+    >>> step_output_shape((1, 4, 8, 8), torch.nn.Flatten())
+    (1, 256)
+    """
+    if isinstance(step, torch.nn.Conv2d):
+        return conv_output_shape(input_shape, step)
+    return tuple(step(torch.empty(input_shape, dtype=dtype, device="meta")).shape)

@@ -28,7 +28,7 @@ from fxrewrite.patterns import attr_of
 from fxrewrite.report import SiteRecord
 from fxrewrite.rewriter import PROVENANCE_KEY, finalize, portable, replace_conv
 from fxrewrite.select import Rule, Selection, resolve
-from fxrewrite.shapes import conv_output_shape
+from fxrewrite.shapes import step_output_shape
 from fxrewrite.sites import CONV_FUNCTIONS, ConvSite, Reason, dropping_hooks, find_sites
 
 #: Reason codes that mean "this group count cannot be used at this site": an error, not a skip, for a site that a
@@ -124,15 +124,12 @@ def replacement_cost(module: nn.Module, site: ConvSite) -> tuple[int, int | None
         return params, None
     shape, macs = site.input_shape, 0
     for step in _chain(module):
-        if not isinstance(step, nn.Conv2d):  # a shape-only step (e.g. a channel repeat): 0 MACs
-            shape = tuple(step(torch.empty(shape, device="meta")).shape)
-            continue
-        conv = step
-        if shape[-3] != conv.in_channels:
-            raise FxRewriteError(f"{site.name}: the replacement's convolutions are not a chain ({conv.in_channels} "
+        if isinstance(step, nn.Conv2d) and shape[-3] != step.in_channels:
+            raise FxRewriteError(f"{site.name}: the replacement's convolutions are not a chain ({step.in_channels} "
                                  f"input channels after {shape[-3]} output channels); its MACs cannot be counted")
-        shape = conv_output_shape(shape, conv)
-        macs += conv_macs(shape, conv.in_channels, conv.groups, conv.kernel_size)
+        shape = step_output_shape(shape, step)
+        if isinstance(step, nn.Conv2d):  # a shape-only step (e.g. a channel repeat) has 0 MACs
+            macs += conv_macs(shape, step.in_channels, step.groups, step.kernel_size)
     if shape != site.output_shape:
         raise FxRewriteError(f"{site.name}: the replacement computes shape {shape}, the site {site.output_shape}")
     return params, macs

@@ -388,3 +388,9 @@ def test_cli_target_latency(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
     assert "conv-site latency (eager" in out.err and "predicted / measured" in out.err
     assert main([*args[:-1], "--latency-backend", "tpu"]) == 2
     assert "unknown latency backend 'tpu'" in capsys.readouterr().err
+
+
+def test_a_latency_backend_without_a_latency_target_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="only applies to a latency target"):
+        Target(macs=0.5, backend="onnxruntime")
+    assert Target(latency=0.5, backend="onnxruntime").backend == "onnxruntime"
