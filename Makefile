@@ -34,7 +34,8 @@ test-zoo: $(STAMP_TEST)
 	$(PY) -m pytest -q -m slow
 
 # Benchmarks write benchmarks/results/*.json and *.md; each also runs alone (python -m benchmarks.<name>).
-BENCHMARKS := bench_pass_speed bench_cost_model bench_realised_speed bench_factorization bench_latency_budget
+BENCHMARKS := bench_pass_speed bench_cost_model bench_realised_speed bench_fidelity bench_factorization \
+	bench_latency_budget
 
 bench: $(STAMP_TEST)
 	@for b in $(BENCHMARKS); do echo "== $$b" >&2; $(PY) -m benchmarks.$$b || exit 1; done

@@ -5,9 +5,10 @@ rewrite of every eligible conv (``PassManager([DepthwiseSeparable(rank=1)])(gm)`
 shape-propagated copy) - not tracing, not numeric verification. Against: ``torch.fx.symbolic_trace`` of the same
 model, and the naive anchor ``torch.fx.subgraph_rewriter.replace_pattern`` doing the same conv -> depthwise +
 pointwise replacement, one ``replace_pattern`` call per conv (that API matches one pattern at a time; the conv's
-module target is part of the pattern). Medians of repeated runs, side by side in one process.
+module target is part of the pattern). Medians of repeated runs, side by side in one process, on one torch thread by
+default (``--threads``: the factorisation runs on one thread whatever the setting, see ``factorize.one_thread``).
 
-Run alone: ``.venv/bin/python benchmarks/bench_pass_speed.py [--quick]``.
+Run alone: ``.venv/bin/python -m benchmarks.bench_pass_speed [--quick] [--threads N]``.
 """
 
 from __future__ import annotations
@@ -103,8 +104,11 @@ def _put(root: nn.Module, qualname: str, module: nn.Module) -> None:
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small subset (resnet50, chains of 100 and 1000)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: stable on a shared 2-core machine)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     cases: list[tuple[str, nn.Module, torch.Tensor]] = [
         ("resnet50", torchvision.models.resnet50().eval(), torch.randn(1, 3, 224, 224))]
     if not args.quick:
@@ -123,13 +127,15 @@ def main(argv: list[str] | None = None) -> str:
         if name in anchor_on:
             base = _prepared(model, x)
             anchor_s = median_time(lambda b=base: replace_pattern_anchor(copy.deepcopy(b)), runs=1, warmup=0)
+        # numbers only (None where the anchor was not run), so that every column gets the table's number format
         rows.append([name, changed, trace_s * 1e3, ours_s * 1e3, ours_s / trace_s,
-                     anchor_s * 1e3 if anchor_s else "-", anchor_s / ours_s if anchor_s else "-",
+                     anchor_s * 1e3 if anchor_s else None, anchor_s / ours_s if anchor_s else None,
                      per_conv[name] * 1e6])
         print(f"{name}: {rows[-1]}", file=sys.stderr)
     notes = ["fxrewrite = find sites + decide + SVD factorise + replace + recompile (dw-sep rank 1), on a traced, "
              "shape-propagated copy; symbolic_trace = torch.fx.symbolic_trace of the eager model; anchor = "
-             "subgraph_rewriter.replace_pattern once per conv (same factors). Medians in one run."]
+             "subgraph_rewriter.replace_pattern once per conv (same factors; one run; blank where not run). Medians "
+             f"in one run; torch intra-op threads = {torch.get_num_threads()}."]
     if "chain-1000" in per_conv and "chain-5000" in per_conv:
         slope = math.log(per_conv["chain-5000"] * 5000 / (per_conv["chain-1000"] * 1000)) / math.log(5)
         notes.append(f"log-log slope of total rewrite time, 1000 -> 5000 convs: {slope:.3f} (goal <= 1.1)")

@@ -10,7 +10,8 @@ i.e. ``conv1x1(V^T: I -> R)`` then a grouped kxk conv (``C``: R -> R, g groups) 
 the CP / MobileNetV2-style depthwise linear bottleneck; in between it is a block-term decomposition (ResNeXt block),
 :func:`block_term`.
 
-Fitting, all in float64 on the weight's device (results come back in the weight's dtype):
+Fitting, in float64 on the weight's device (results come back in the weight's dtype; the one float32 part is
+named below):
 
 - Tucker-2: sequentially truncated HOSVD start (U: top singular vectors of the mode-O unfolding; V: those of the
   mode-I unfolding of ``U^T W``; core = projection), then HOOI half-sweeps (each factor in turn set to the top
@@ -18,9 +19,14 @@ Fitting, all in float64 on the weight's device (results come back in the weight'
 - Block term (``g >= 2``, CP included): the start is the block diagonal of the core of a truncated HOSVD of rank
   ``min(R, O) x min(R, I)``, in its bases (closed form). Alternating least squares follows: U, V and the core, each a
   closed-form least-squares update (U / V blocks re-orthonormalised by QR; the core's normal equations solved
-  directly, or by block Gauss-Seidel when large), with Bro's extrapolation kept only when it lowers the error. When
-  the HOSVD compresses (``2 R^2 <= O I``), ALS runs first on its small core, then on the weight. ``init="random"``
-  starts from seeded random factors instead.
+  directly, or by block Gauss-Seidel when large), with Bro's extrapolation kept only when it lowers the error (its
+  error costs no product with the weight: ``W x_I V`` is linear in V). When the HOSVD compresses (``2 R^2 <= O I``),
+  ALS runs first on its small core, then on the weight; not for CP fits with ``O I K R < SMALL_FIT_MACS``, whose
+  sweeps cost mostly per-call overhead, so that the compression saves no time: they run on the weight from the
+  start. CP sweeps on an ``r_o x r_i x K`` core with ``r_o r_i K R >= SMALL_FIT_MACS`` take their products with it
+  in float32 while the relative error is above 1e-2 (Grams, solves and errors stay float64; the stage on the weight
+  that follows is float64 throughout).
+  ``init="random"`` starts from seeded random factors instead.
 - A stage stops when the relative error fell by less than ``tol`` per step on average over the last 5 steps
   (absolute, in relative-error units; defaults ``TUCKER_TOL`` per HOOI half-sweep, ``ALS_TOL`` per ALS sweep) or after
   ``max_iter`` sweeps. The best iterate is kept, so a fit is never worse than its start.
@@ -62,6 +68,8 @@ INITS = ("svd", "random")
 TUCKER_TOL = 1e-6  # default tol of HOOI (Tucker-2): its steps are cheap and improve slowly but steadily
 ALS_TOL = 5e-5  # default tol of block-term / CP ALS
 DEFAULT_MAX_ITER = 100
+SMALL_FIT_MACS = 1 << 20  # CP: below this many MACs per product with the weight (O*I*K*R), overhead dominates
+SINGLE_MIN_ERROR = 1e-2  # CP sweeps with float32 products switch to float64 below this relative error
 _DIRECT_CORE_SOLVE = 512  # block-term core update: direct solve up to g*r*r unknowns per tap, else Gauss-Seidel
 
 
@@ -225,17 +233,21 @@ def _dense_oki(f: Factors) -> Tensor:
     return t.reshape(o * k, g * ri) @ v.reshape(i, g * ri).mT
 
 
+def _fit_error(unf: _Unfolded, f: Factors) -> float:
+    """``||W - W'||_F / ||W||_F`` from the dense reconstruction of the factors."""
+    return float((unf.oki - _dense_oki(f)).norm()) / math.sqrt(unf.norm2) if unf.norm2 else 0.0
+
+
 def _result(w: Tensor, unf: _Unfolded, weight: Tensor, start: Factors | float, best: Factors, iterations: int,
             converged: bool, exact: bool) -> BottleneckFit:
     """The fit as conv weights, with its exact dense error. ``start`` is the start's factors (the result is the
     better of start and best) or, for a monotone method, just the start's error."""
     o, i, kh, kw = w.shape
-    norm = math.sqrt(unf.norm2)
-    err = float((unf.oki - _dense_oki(best)).norm()) / norm if norm else 0.0
+    err = _fit_error(unf, best)
     if isinstance(start, float):
         init_err = max(start, err)
     else:
-        init_err = float((unf.oki - _dense_oki(start)).norm()) / norm if norm and start is not best else err
+        init_err = _fit_error(unf, start) if start is not best else err
         if err > init_err:
             best, err = start, init_err
     u, c, v = best
@@ -355,18 +367,30 @@ def tucker2(weight: Tensor, rank_in: int, rank_out: int, *, source_groups: int =
 # ----------------------------------------------------------------------------------------------- block term
 
 
-def _spd_solve(n: Tensor, b: Tensor) -> Tensor:
-    """Solve ``n x = b`` for a symmetric positive semi-definite ``n`` (Cholesky; a tiny ridge, then the
-    pseudo-inverse, when it is singular)."""
+def _spd_cholesky(n: Tensor) -> Tensor | None:
+    """Cholesky factor of a symmetric positive semi-definite ``n``, with a tiny ridge when it is singular; None when
+    even that fails."""
     chol, info = torch.linalg.cholesky_ex(n)
     if int(info) == 0:
-        return torch.cholesky_solve(b, chol)
+        return chol
     scale = float(n.diagonal().abs().mean()) if n.numel() else 0.0
     ridge = torch.eye(n.shape[-1], dtype=n.dtype, device=n.device) * (1e-13 * scale + 1e-300)
     chol, info = torch.linalg.cholesky_ex(n + ridge)
-    if int(info) == 0:
-        return torch.cholesky_solve(b, chol)
-    return torch.linalg.pinv(n, hermitian=True) @ b
+    return chol if int(info) == 0 else None
+
+
+def _spd_solve(n: Tensor, b: Tensor) -> Tensor:
+    """Solve ``n x = b`` for a symmetric positive semi-definite ``n`` (Cholesky; a tiny ridge, then the
+    pseudo-inverse, when it is singular)."""
+    chol = _spd_cholesky(n)
+    return torch.linalg.pinv(n, hermitian=True) @ b if chol is None else torch.cholesky_solve(b, chol)
+
+
+def _spd_inverse(n: Tensor) -> Tensor:
+    """The inverse of a symmetric positive semi-definite ``n`` (Cholesky; a tiny ridge, then the pseudo-inverse,
+    when it is singular). Cheaper than :func:`_spd_solve` for small ``n`` or many right-hand sides."""
+    chol = _spd_cholesky(n)
+    return torch.linalg.pinv(n, hermitian=True) if chol is None else torch.cholesky_inverse(chol)
 
 
 _WINDOW = 5
@@ -452,7 +476,8 @@ class _Blocks:
 
 
 def _als(w: _Unfolded, f: Factors, tol: float, max_iter: int, *, fit_core: bool = False,
-         offset2: float = 0.0, ref2: float | None = None) -> tuple[Factors, Factors, float, int, bool]:
+         offset2: float = 0.0, ref2: float | None = None, single: bool = False
+         ) -> tuple[Factors, Factors, float, int, bool]:
     """Alternating least squares for the block-term model on ``w``, with extrapolation.
 
     One sweep updates U (least squares given C, V), V (given U, C) and the core C (given U, V); U and V blocks are
@@ -460,23 +485,23 @@ def _als(w: _Unfolded, f: Factors, tol: float, max_iter: int, *, fit_core: bool 
     with ``s = sweep^(1/p)`` (Bro's line search; p = 2 at first, + 1 after 4 rejections in a row) is taken when it
     has a lower error. Errors are ``sqrt((offset2 + ||w - w'||^2) / ref2)`` (``ref2`` defaults to ``||w||^2``); the
     loop stops by :func:`_stalled` or after ``max_iter`` sweeps. ``fit_core`` first replaces C by its least-squares
-    value for the given U, V. Returns the start, the best iterate, the start's error, the sweeps run and whether
-    ``tol`` was met.
+    value for the given U, V; ``single`` (CP only) takes the products with ``w`` in float32 (:func:`_cp_als`).
+    Returns the start, the best iterate, the start's error, the sweeps run and whether ``tol`` was met.
     """
     ref2 = w.norm2 if ref2 is None else ref2
     o, g, r = f[0].shape
     if r == 1:
-        return _cp_als(w, f, tol, max_iter, fit_core=fit_core, offset2=offset2, ref2=ref2)
+        return _cp_als(w, f, tol, max_iter, fit_core=fit_core, offset2=offset2, ref2=ref2, single=single)
     alg = _Blocks(g, r, w.shape[2])
 
     class State:
         """Factors (core as C[b, k, p, q]) with what later steps reuse: Grams, ``W x_I V`` and the error."""
 
         def __init__(self, u: Tensor, c: Tensor, v: Tensor, *, fit: bool = False,
-                     pu: Tensor | None = None) -> None:
+                     pu: Tensor | None = None, y: Tensor | None = None) -> None:
             self.pu = alg.grams(u) if pu is None else pu
             self.pv = alg.grams(v)
-            self.y = w.times_v(v)  # (O, K, g, r)
+            self.y = w.times_v(v) if y is None else y  # (O, K, g, r)
             rhs = alg.core_rhs(u, self.y)
             if fit:
                 c = alg.core_update(rhs, self.pu, self.pv, c)
@@ -504,8 +529,9 @@ def _als(w: _Unfolded, f: Factors, tol: float, max_iter: int, *, fit_core: bool 
         new = State(u, c, v, fit=True, pu=pu)  # the core update
         if it > 2:
             step = it ** (1.0 / power)
-            ext = State(*(a + step * (b - a) for a, b in zip((st.u, st.c, st.v), (new.u, new.c, new.v),
-                                                               strict=True)))
+            u, c, v, y = (torch.lerp(a, b, step) for a, b in zip((st.u, st.c, st.v, st.y),
+                                                                 (new.u, new.c, new.v, new.y), strict=True))
+            ext = State(u, c, v, y=y)  # W x_I V is linear in V: no product with W
             if ext.err < new.err:
                 new, fails = ext, 0
             else:
@@ -522,64 +548,96 @@ def _als(w: _Unfolded, f: Factors, tol: float, max_iter: int, *, fit_core: bool 
     return start.factors(), best.factors(), err0, it, converged
 
 
-def _cp_als(w: _Unfolded, f: Factors, tol: float, max_iter: int, *, fit_core: bool, offset2: float, ref2: float
-            ) -> tuple[Factors, Factors, float, int, bool]:
-    """:func:`_als` for ``r = 1`` (CP: every block a rank-1 term), with plain matrix products: U (O, R), V (I, R),
-    C (K, R); the Grams are Hadamard products. ``W x_I V`` is computed once per sweep and serves both the core
-    update and the next sweep's U update."""
+def _cp_als(w: _Unfolded, f: Factors, tol: float, max_iter: int, *, fit_core: bool, offset2: float, ref2: float,
+            single: bool = False) -> tuple[Factors, Factors, float, int, bool]:
+    """:func:`_als` for ``r = 1`` (CP: every block a rank-1 term). Factors are kept transposed, one row per term:
+    U^T (R, O), V^T (R, I), C (R, K); the Grams are Hadamard products of R x R Grams and every solve is a Cholesky
+    solve with them. Two products with the weight per sweep: ``U^T W`` (R, I, K) for the V update and ``V^T W``
+    (R, O, K) for the core update, the error and the next sweep's U update; the right-hand sides are batched
+    matrix-vector products over the R terms. ``V^T W`` is linear in V, so the extrapolated point's is a combination
+    of two known ones and its error needs no product with the weight. ``single``: the products with the weight (and
+    the batched products on them) in float32, Grams, solves and errors in float64, until the relative error falls
+    below ``SINGLE_MIN_ERROR`` (float32 products resolve the squared error to ~1e-7 of ``||W||^2`` only); float64
+    from then on."""
     o, i, k = w.shape
-    u, v, c = f[0].reshape(o, -1), f[2].reshape(i, -1), f[1].reshape(-1, k).mT
-    rank = u.shape[1]
+    ut, ct, vt = (t.contiguous() for t in (f[0].reshape(o, -1).mT, f[1].reshape(-1, k), f[2].reshape(i, -1).mT))
+    rank = ut.shape[0]
+    base2 = offset2 + w.norm2
+    dtype = ut.dtype
+    oki, iko = (w.oki.float(), w.iko.float()) if single else (w.oki, w.iko)
 
-    def solve(gram: Tensor, m: Tensor) -> Tensor:  # the least-squares factor F with F gram = m
-        return _spd_solve(gram, m.mT).mT
+    def low(t: Tensor) -> Tensor:  # to the dtype of the products with the weight
+        return t.float() if single else t
 
-    def core_and_error(u: Tensor, v: Tensor, y: Tensor, c: Tensor | None) -> tuple[Tensor, float]:
-        b = (y * u[:, None, :]).sum(0)  # (K, R): U^T W_k V on the diagonal
-        g = (u.mT @ u) * (v.mT @ v)
-        if c is None:
-            c = solve(g, b)
-        return c, _rel(offset2 + w.norm2 - 2 * float((b * c).sum()) + float((g * (c.mT @ c)).sum()), ref2)
+    def high(t: Tensor) -> Tensor:
+        return t.to(dtype) if single else t
 
-    def unit(f: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        n = f.norm(dim=0).clamp_min(1e-300)
-        return f / n, c * n
+    def times(ft: Tensor, unfolded: Tensor) -> Tensor:  # F^T W: (R, n, K) with rows (n, k) in ``unfolded``
+        return (low(ft) @ unfolded.mT).reshape(rank, -1, k)
 
-    y = w.times_v(v)  # (O, K, R), valid for the current V
-    c, err = core_and_error(u, v, y, None if fit_core else c)
-    err0 = best_err = err
-    history = [err]
-    start = best = (u, c, v)
+    def core_rhs(ut: Tensor, yt: Tensor) -> Tensor:  # sum_o U[o, r] (V^T W)[r, o, k]: (R, K)
+        return high(torch.bmm(low(ut).unsqueeze(1), yt).squeeze(1))
+
+    def factor_rhs(yt: Tensor, ct: Tensor) -> Tensor:  # sum_k (V^T W)[r, o, k] C[r, k]: (R, O)
+        return high(torch.bmm(yt, low(ct).unsqueeze(-1)).squeeze(-1))
+
+    def error2(mc: Tensor, ct: Tensor, guv: Tensor | None) -> float:  # ||W - W'||^2 + offset2, mc = core_rhs
+        if guv is None:  # C is the least-squares core for mc: the quadratic term equals <mc, C>
+            return base2 - float((mc * ct).sum())
+        return base2 - 2 * float((mc * ct).sum()) + float((guv * (ct @ ct.mT)).sum())
+
+    def solve(gram: Tensor, rhs: Tensor) -> Tensor:  # gram^-1 rhs (row-major, for the batched products)
+        return _spd_inverse(gram) @ rhs
+
+    def unit(ft: Tensor, ct: Tensor) -> tuple[Tensor, Tensor]:  # unit rows, the norms folded into C
+        n = ft.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        return ft / n, ct * n
+
+    yt = times(vt, oki)  # V^T W, valid for the current V
+    gv = vt @ vt.mT  # likewise its Gram
+    guv = (ut @ ut.mT) * gv
+    mc = core_rhs(ut, yt)
+    if fit_core:
+        ct = solve(guv, mc)
+    err0 = best_err = _rel(error2(mc, ct, guv), ref2)
+    history = [err0]
+    start = best = (ut, ct, vt)
     power, fails, converged, it = 2.0, 0, False, 0
     for it in range(1, max_iter + 1):
-        old = (u, c, v)
-        u, c = unit(solve((v.mT @ v) * (c.mT @ c), (y * c).sum(1)), c)
-        x = w.times_u(u)  # (I, K, R)
-        v, c = unit(solve((u.mT @ u) * (c.mT @ c), (x * c).sum(1)), c)
-        y = w.times_v(v)
-        c, new = core_and_error(u, v, y, None)
+        old = (ut, ct, vt, yt)
+        ut, ct = unit(solve(gv * (ct @ ct.mT), factor_rhs(yt, ct)), ct)
+        gu = ut @ ut.mT
+        vt, ct = unit(solve(gu * (ct @ ct.mT), factor_rhs(times(ut, iko), ct)), ct)
+        yt, gv = times(vt, oki), vt @ vt.mT
+        guv = gu * gv
+        mc = core_rhs(ut, yt)
+        ct = solve(guv, mc)
+        err2 = error2(mc, ct, None)
         if it > 2:  # extrapolation, kept only when it lowers the error
             step = it ** (1.0 / power)
-            ext_u, ext_c, ext_v = (a + step * (b - a) for a, b in zip(old, (u, c, v), strict=True))
-            y_ext = w.times_v(ext_v)
-            _, e_ext = core_and_error(ext_u, ext_v, y_ext, ext_c)
-            if e_ext < new:
-                u, c, v, y, new, fails = ext_u, ext_c, ext_v, y_ext, e_ext, 0
+            ext = tuple(torch.lerp(a, b, step) for a, b in zip(old, (ut, ct, vt, yt), strict=True))
+            ext_gv = ext[2] @ ext[2].mT
+            ext_err2 = error2(core_rhs(ext[0], ext[3]), ext[1], (ext[0] @ ext[0].mT) * ext_gv)
+            if ext_err2 < err2:
+                (ut, ct, vt, yt), gv, err2, fails = ext, ext_gv, ext_err2, 0
             else:
                 fails += 1
                 if fails == 4:
                     power, fails = power + 1.0, 0
-        history.append(new)
-        err = new
+        err = _rel(err2, ref2)
+        history.append(err)
         if err < best_err:
-            best, best_err = (u, c, v), err
+            best, best_err = (ut, ct, vt), err
         if _stalled(history, tol):
             converged = True
             break
+        if single and err2 < SINGLE_MIN_ERROR**2 * ref2:  # float32 products blur smaller errors: float64 on
+            single, oki, iko = False, w.oki, w.iko
+            yt = times(vt, oki)
 
     def blocks(f: tuple[Tensor, Tensor, Tensor]) -> Factors:
-        u, c, v = f
-        return u.reshape(o, rank, 1), c.mT.reshape(rank, 1, 1, k), v.reshape(i, rank, 1)
+        ut, ct, vt = f
+        return ut.mT.reshape(o, rank, 1), ct.reshape(rank, 1, 1, k), vt.mT.reshape(i, rank, 1)
 
     return blocks(start), blocks(best), err0, it, converged
 
@@ -627,8 +685,9 @@ def block_term(weight: Tensor, groups: int, rank: int, *, source_groups: int = 1
     ``groups`` must divide ``rank``; ``groups = rank`` is the CP / depthwise bottleneck, ``groups = 1`` Tucker-2.
     Exact (closed form) when ``rank >= exact_rank(weight.shape, groups)`` (``groups=None`` there for the depthwise
     case). ``seed`` seeds ``init="random"`` and the random columns a start needs when ``rank`` exceeds ``O`` or ``I``.
-    ``max_iter`` caps each ALS stage (on the HOSVD core when it compresses, then on the weight). ``tol=None`` is
-    ``ALS_TOL`` (``TUCKER_TOL`` for ``groups=1``, which is :func:`tucker2`).
+    ``max_iter`` caps each ALS stage (on the HOSVD core when it compresses, then on the weight; one stage on the
+    weight for CP fits with ``O*I*K*rank < SMALL_FIT_MACS``). ``tol=None`` is ``ALS_TOL`` (``TUCKER_TOL`` for
+    ``groups=1``, which is :func:`tucker2`); the stopping rule is the module's (see its docstring).
 
     >>> w = torch.randn(8, 6, 3, 3, dtype=torch.float64)
     >>> cp = block_term(w, groups=12, rank=12, max_iter=10)
@@ -666,7 +725,7 @@ def block_term(weight: Tensor, groups: int, rank: int, *, source_groups: int = 1
         return _result(w, unf, weight, start, best, it, converged, False)
     # closed-form start: the block diagonal of the core of a truncated HOSVD in its bases (small random columns
     # beyond O or I). When the HOSVD compresses (R*R <= O*I / 2), ALS runs first on its core (cheap), then on the
-    # full weight; otherwise on the full weight only.
+    # full weight; otherwise, and for CP fits too small for the compression to save time, on the full weight only.
     ro, ri = min(rank, o), min(rank, i)
     _, (u0, v0, t), _, _, _ = _tucker(unf, ro, ri, tol, 0)
 
@@ -677,11 +736,13 @@ def block_term(weight: Tensor, groups: int, rank: int, *, source_groups: int = 1
         return torch.einsum("op,pbr->obr", u0, f[0]), f[1], torch.einsum("iq,qbr->ibr", v0, f[2])
 
     f = basis(ro), w3.new_zeros(g, r, r, k), basis(ri)
-    if 2 * ro * ri > o * i:
+    if 2 * ro * ri > o * i or (r == 1 and o * i * k * rank < SMALL_FIT_MACS):
         start, best, _, it, converged = _als(unf, lift(f), tol, max_iter, fit_core=True)
         return _result(w, unf, weight, start, best, it, converged, False)
     core = _Unfolded(t)
     residual2 = unf.norm2 - core.norm2  # the Tucker residual, orthogonal to everything in the bases
-    start, best, _, it1, _ = _als(core, f, tol, max_iter, fit_core=True, offset2=residual2, ref2=unf.norm2)
+    single = r == 1 and ro * ri * k * rank >= SMALL_FIT_MACS  # CP: float32 products where they dominate the sweep
+    start, best, _, it1, _ = _als(core, f, tol, max_iter, fit_core=True, offset2=residual2, ref2=unf.norm2,
+                                  single=single)
     _, best, _, it2, converged = _als(unf, lift(best), tol, max_iter)
     return _result(w, unf, weight, lift(start), best, it1 + it2, converged, False)

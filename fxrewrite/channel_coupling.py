@@ -17,6 +17,12 @@ grouped conv, a shared or hooked module, an op this module does not know - is a 
 natural order, and the blocker says why. Building the graph reads the graph and its shape metadata
 (``node.meta["val"]``) only; it changes nothing.
 
+The ATen ops of an unlifted ``torch.export`` program (``aten.relu_.default``, ``aten.add.Tensor``,
+``aten.hardtanh.default``, ``aten.mean.dim``, ``aten.max_pool2d_with_indices.default`` read through ``getitem``, ...)
+count as the torch functions they implement; ``fxrewrite.exported`` turns the program's convs and batch norms into
+modules first. ATen ops without a counterpart here (``aten.flatten``, ``aten.view``, ``aten.cat``, ``aten.prelu``,
+an ATen batch norm that ``fxrewrite.exported`` left alone, ...) are blockers, as their torch counterparts are.
+
 >>> import torch
 >>> from torch import nn
 >>> from fxrewrite.capture import trace
@@ -62,6 +68,28 @@ ELEMENTWISE_FUNCTIONS: tuple[object, ...] = (
     torch.add, torch.sub, torch.mul, torch.div)
 ELEMENTWISE_METHODS = ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_")
 SHAPE_QUERIES = ("size", "dim")
+
+# The same ops as torch.export spells them (ATen overloads in an unlifted ``ExportedProgram.module()``; its convs and
+# batch norms are modules there, see fxrewrite.exported), in the default and the decomposed (core ATen) forms.
+aten = torch.ops.aten
+ATEN_CHANNELWISE: tuple[object, ...] = (
+    aten.relu.default, aten.relu_.default, aten.relu6.default, aten.hardtanh.default, aten.hardtanh_.default,
+    aten.silu.default, aten.silu_.default, aten.hardswish.default, aten.hardswish_.default, aten.hardsigmoid.default,
+    aten.hardsigmoid_.default, aten.gelu.default, aten.gelu_.default, aten.leaky_relu.default,
+    aten.leaky_relu_.default, aten.elu.default, aten.elu_.default, aten.mish.default, aten.mish_.default,
+    aten.softplus.default, aten.sigmoid.default, aten.sigmoid_.default, aten.tanh.default, aten.tanh_.default,
+    aten.dropout.default, aten.dropout_.default, aten.feature_dropout.default, aten.feature_dropout_.default,
+    aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
+    aten._adaptive_avg_pool2d.default, aten.clone.default, aten.contiguous.default)
+ATEN_REDUCTIONS: tuple[object, ...] = (aten.mean.dim, aten.amax.default, aten.sum.dim_IntList)
+#: channel-wise ops returning (values, indices), read through ``getitem``: both items keep the input's channels
+ATEN_CHANNELWISE_TUPLES: tuple[object, ...] = (aten.max_pool2d_with_indices.default, aten.adaptive_max_pool2d.default)
+ATEN_ELEMENTWISE: tuple[object, ...] = (
+    aten.add.Tensor, aten.add_.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub_.Tensor, aten.sub.Scalar,
+    aten.mul.Tensor, aten.mul_.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div_.Tensor, aten.div.Scalar)
+ATEN_SHAPE_QUERIES: tuple[object, ...] = (aten.sym_size.int, aten.sym_numel.default)
+CHANNELWISE_TARGETS = (*CHANNELWISE_FUNCTIONS, *REDUCTIONS, *ATEN_CHANNELWISE, *ATEN_REDUCTIONS)
+ELEMENTWISE_TARGETS = (*ELEMENTWISE_FUNCTIONS, *ATEN_ELEMENTWISE)
 
 
 @dataclass(frozen=True)
@@ -163,6 +191,10 @@ class _Builder:
             self.conv(node)
         elif node.op == "call_module" and (why := self.state_blocker(str(node.target))) is not None:
             self.block(node, f"module {node.target!r} ({why})")
+        elif self.channelwise_tuple(node):
+            pass  # its getitem nodes carry the channels (next branch)
+        elif node.op == "call_function" and node.target is operator.getitem and self.channelwise_tuple(node.args[0]):
+            self.join(node.args[0].args[0], node, node)
         elif self.channelwise(node):
             source = node.args[0]
             assert isinstance(source, torch.fx.Node)
@@ -202,7 +234,7 @@ class _Builder:
             module = self.modules.get(str(node.target))
             if type(module) not in CHANNELWISE_MODULES:
                 return False
-        elif not ((node.op == "call_function" and node.target in (*CHANNELWISE_FUNCTIONS, *REDUCTIONS))
+        elif not ((node.op == "call_function" and node.target in CHANNELWISE_TARGETS)
                   or (node.op == "call_method" and node.target in CHANNELWISE_METHODS)):
             return False
         source = node.args[0] if node.args else None
@@ -210,6 +242,19 @@ class _Builder:
             return False
         others = [a for a in node.all_input_nodes if a is not source and _channels(a) is not None]
         return not others and source.meta["val"].dim() == node.meta["val"].dim()
+
+    @staticmethod
+    def channelwise_tuple(node: object) -> bool:
+        """A channel-wise ATen op returning a tuple (``max_pool2d_with_indices``) read only by ``getitem`` nodes, each
+        with the input's channel count and dims (anything else reading it makes it an unknown op: a blocker)."""
+        if not (isinstance(node, torch.fx.Node) and node.op == "call_function"
+                and node.target in ATEN_CHANNELWISE_TUPLES and node.args and isinstance(node.args[0], torch.fx.Node)):
+            return False
+        source = node.args[0]
+        channels = _channels(source)
+        return channels is not None and len(node.all_input_nodes) == 1 and all(
+            user.op == "call_function" and user.target is operator.getitem and _channels(user) == channels
+            and user.meta["val"].dim() == source.meta["val"].dim() for user in node.users)
 
     def state_blocker(self, name: str) -> str | None:
         """Why a module's per-channel state cannot follow a permutation: it is shared, hooked or parametrized."""
@@ -225,7 +270,7 @@ class _Builder:
     def elementwise(self, node: torch.fx.Node) -> bool:
         """An elementwise op whose channel-carrying operands all have the result's channel count (others broadcast
         over channels: scalars, tensors of fewer than 3 dims or with one channel)."""
-        if not ((node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS)
+        if not ((node.op == "call_function" and node.target in ELEMENTWISE_TARGETS)
                 or (node.op == "call_method" and node.target in ELEMENTWISE_METHODS)):
             return False
         out = _channels(node)
@@ -244,6 +289,8 @@ class _Builder:
         """``x.size()`` / ``x.dim()`` / ``x.shape``: reads no channel values, so it does not constrain the order."""
         if node.op == "call_method":
             return node.target in SHAPE_QUERIES
+        if node.op == "call_function" and node.target in ATEN_SHAPE_QUERIES:
+            return True
         return (node.op == "call_function" and node.target is getattr and len(node.args) > 1
                 and node.args[1] in ("shape", "dtype", "device", "ndim"))
 

@@ -2,7 +2,8 @@
 
 ``run_demo`` trains a seeded 4-conv CNN on ``sklearn.datasets.load_digits`` (8x8 images, 1347 train / 450 test,
 stratified split with ``random_state=0``; seconds on a CPU), then for each form (depthwise-separable,
-grouped-separable with 4 groups, grouped) and each MAC target (2x and 4x fewer) rewrites every conv but the stem
+grouped-separable with 4 groups, grouped, and the bottlenecks: depthwise (CP), Tucker-2, grouped with 4 groups) and
+each MAC target (2x and 4x fewer) rewrites every conv but the stem
 (1 input channel) with per-site options chosen from the conv shapes, and measures test accuracy of the original, the
 data-free rewrite, the repaired rewrite (``fxrewrite.repair`` on a few unlabelled training batches) and the repaired
 rewrite after a short distillation (``fxrewrite.distill``, no labels either). The achieved MAC ratio is what the
@@ -31,11 +32,23 @@ import torch.nn.functional as F
 from tabulate import tabulate
 from torch import nn
 
-FORMS = ("depthwise-separable", "grouped-separable", "grouped")
+FORMS = ("depthwise-separable", "grouped-separable", "grouped", "depthwise-bottleneck", "tucker-2",
+         "grouped-bottleneck")
+#: the pass that applies a form, where its name differs (Tucker-2 is the grouped bottleneck with one group)
+PIPELINES = {"tucker-2": "grouped-bottleneck"}
 #: opt-in forms (``--forms``): name -> (the form whose costs and options it shares, the pipeline that applies it)
 EXTRA_FORMS = {"grouped-permuted": ("grouped", "grouped{permute=true}")}
 TARGETS = (2.0, 4.0)
-SEPARABLE_GROUPS = 4  # the group count of the grouped-separable form; its rank is chosen per site
+SEPARABLE_GROUPS = 4  # the group count of the grouped-separable and grouped-bottleneck forms; ranks chosen per site
+
+
+def pipeline(form: str) -> str:
+    """The pipeline that applies ``form`` (per-site options come from ``choose_options``).
+
+    >>> pipeline("tucker-2"), pipeline("grouped-permuted"), pipeline("grouped")
+    ('grouped-bottleneck', 'grouped{permute=true}', 'grouped')
+    """
+    return EXTRA_FORMS[form][1] if form in EXTRA_FORMS else PIPELINES.get(form, form)
 
 
 class DigitsCNN(nn.Module):
@@ -126,6 +139,13 @@ def output_error(model: nn.Module, reference: nn.Module, x: torch.Tensor) -> flo
     return float((a - b).norm() / b.norm())
 
 
+def training_batches(data: DigitsData, batch_size: int, seed: int) -> list[tuple[torch.Tensor]]:
+    """The unlabelled training images in a seeded order (``seed + 1``), as 1-tuples of batches: the demo's first
+    ``calib_batches`` are its calibration data, all of them its distillation data."""
+    order = torch.randperm(data.x_train.shape[0], generator=torch.Generator().manual_seed(seed + 1))
+    return [(data.x_train[order[i:i + batch_size]],) for i in range(0, len(order), batch_size)]
+
+
 # ------------------------------------------------------------------------------------------- options from shapes
 
 
@@ -142,7 +162,9 @@ class ConvShape:
 
 def conv_macs(s: ConvShape, form: str | None = None, options: Mapping[str, int] | None = None) -> int:
     """MACs per image of the conv (``form=None``) or of its rewrite in ``form`` with ``options``: every conv of a
-    rewrite runs at the site's output resolution; a kxk conv with g groups costs out * in/g * k*k per pixel."""
+    rewrite runs at the site's output resolution (for the bottleneck forms, whose first 1x1 runs at the input
+    resolution, that holds for stride-1 'same' convs such as the digits model's); a kxk conv with g groups costs
+    out * in/g * k*k per pixel."""
     k = s.kernel[0] * s.kernel[1]
     i, o, gs = s.in_channels, s.out_channels, s.groups
     opts = dict(options or {})
@@ -156,6 +178,10 @@ def conv_macs(s: ConvShape, form: str | None = None, options: Mapping[str, int] 
         per_pixel = g * r * (i // g) * k + o * (g * r // gs)
     elif form == "grouped":
         per_pixel = o * (i // opts["groups"]) * k
+    elif form in ("depthwise-bottleneck", "tucker-2", "grouped-bottleneck"):  # 1x1 I -> R, kxk R -> R, 1x1 R -> O
+        r = opts["rank"]
+        g = r if form == "depthwise-bottleneck" else opts["groups"]
+        per_pixel = i * r + r * (r // g) * k + o * r
     else:
         raise ValueError(f"unknown form {form!r}; forms: {FORMS}")
     return per_pixel * s.pixels
@@ -175,6 +201,15 @@ def candidate_options(s: ConvShape, form: str) -> list[dict[str, int]]:
     if form == "grouped":
         return [{"groups": g} for g in range(2, s.in_channels + 1)
                 if s.in_channels % g == 0 and s.out_channels % g == 0 and g % s.groups == 0 and g > s.groups]
+    if form in ("depthwise-bottleneck", "tucker-2", "grouped-bottleneck"):
+        from fxrewrite.bottleneck_fit import exact_rank
+
+        groups = {"depthwise-bottleneck": None, "tucker-2": 1, "grouped-bottleneck": SEPARABLE_GROUPS}[form]
+        weight_shape = (s.out_channels, s.in_channels // s.groups, *s.kernel)
+        full = exact_rank(weight_shape, groups, source_groups=s.groups)
+        step = groups or 1
+        extra = {} if groups is None else {"groups": groups}
+        return [{**extra, "rank": r} for r in range(step, full + 1, step)]
     raise ValueError(f"unknown form {form!r}; forms: {FORMS}")
 
 
@@ -354,20 +389,17 @@ def _run_demo(forms: Sequence[str], targets: Sequence[float], epochs: int, width
     model = train_cnn(data, epochs=epochs, width=width, seed=seed, batch_size=batch_size)
     train_seconds = time.perf_counter() - t0
     acc_original = accuracy(model, data.x_test, data.y_test)
-    generator = torch.Generator().manual_seed(seed + 1)
-    order = torch.randperm(data.x_train.shape[0], generator=generator)
-    calib = [(data.x_train[order[i * batch_size:(i + 1) * batch_size]],) for i in range(calib_batches)]
-    calib = [b for b in calib if b[0].shape[0]]
-    train_batches = [(data.x_train[order[i:i + batch_size]],) for i in range(0, len(order), batch_size)]
+    calib = training_batches(data, batch_size, seed)[:calib_batches]
+    train_batches = training_batches(data, batch_size, seed)
     example = data.x_test[:1]
     shapes = conv_shapes(model, example)
     rows = []
     for form in forms:
         for target in targets:
-            family, pipeline = EXTRA_FORMS.get(form, (form, form))
+            family = EXTRA_FORMS[form][0] if form in EXTRA_FORMS else form
             choice = choose_options(shapes, family, target)
             rules = [fxrewrite.Rule(site, options=opts) for site, opts in choice.options.items()]
-            result = fxrewrite.rewrite(model, (example,), passes=pipeline, select=rules, verify=False)
+            result = fxrewrite.rewrite(model, (example,), passes=pipeline(form), select=rules, verify=False)
             context = result.report.context
             t1 = time.perf_counter()
             repaired = repair(model, result.module, calib, progress=progress)

@@ -177,18 +177,18 @@ def _low_rank(a: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
     m, n = a.shape[-2], a.shape[-1]
     tall = m >= n
     lam, vecs = torch.linalg.eigh(a.mT @ a if tall else a @ a.mT)
-    lam, vecs = lam.flip(-1).clamp_min(0), vecs.flip(-1)[..., :rank]  # descending: s_j^2 and v_j (or u_j)
+    # descending: s_j^2 and the top-rank v_j (or u_j)
+    lam, vecs = lam.flip(-1).clamp_min(0), vecs[..., vecs.shape[-1] - rank:].flip(-1)
     total = float(lam.sum())
     rel = 0.0 if total == 0.0 or rank >= min(m, n) else math.sqrt(float(lam[..., rank:].sum()) / total)
     # sqrt(s_j), floored at sqrt(eps * s_max) so that (near-)null directions cannot overflow a factor; any positive
     # scale is exact, since the j-th column of left times the j-th row of right is a v_j v_j^T (or u_j u_j^T a)
-    floor = lam[..., :1] * torch.finfo(torch.float64).eps ** 2
-    root = torch.maximum(lam[..., :rank], floor).sqrt().sqrt()
-    inv = torch.where(root > 0, 1.0 / root.where(root > 0, torch.ones_like(root)), torch.zeros_like(root))
+    root = torch.maximum(lam[..., :rank], lam[..., :1] * torch.finfo(torch.float64).eps ** 2).sqrt().sqrt()
+    inv = torch.where(root > 0, 1.0 / root, 0.0)
     # deterministic signs: the largest-magnitude entry of each v_j is positive
     rows = vecs.mT if tall else vecs.mT @ a  # (..., r, n): v_j^T, or u_j^T a = s_j v_j^T
-    sign = torch.sign(torch.gather(rows, -1, rows.abs().argmax(dim=-1, keepdim=True))).squeeze(-1)
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)  # (..., r)
+    sign = torch.gather(rows, -1, rows.abs().argmax(dim=-1, keepdim=True)).squeeze(-1).sign()
+    sign = torch.where(sign == 0, 1.0, sign)  # (..., r)
     if tall:  # left = a v_j / sqrt(s_j) = sqrt(s_j) u_j, right = sqrt(s_j) v_j^T
         return a @ (vecs * (inv * sign).unsqueeze(-2)), rows * (root * sign).unsqueeze(-1), rel
     return vecs * (root * sign).unsqueeze(-2), rows * (inv * sign).unsqueeze(-1), rel

@@ -26,7 +26,7 @@ from fxrewrite.cost import conv_macs
 from fxrewrite.errors import ConfigError, FxRewriteError, PassFailure
 from fxrewrite.patterns import attr_of
 from fxrewrite.report import SiteRecord
-from fxrewrite.rewriter import PROVENANCE_KEY, finalize, portable, replace_conv
+from fxrewrite.rewriter import PROVENANCE_KEY, caller_recompiles, finalize, portable, replace_conv
 from fxrewrite.select import Rule, Selection, resolve
 from fxrewrite.shapes import step_output_shape
 from fxrewrite.sites import CONV_FUNCTIONS, ConvSite, Reason, dropping_hooks, find_sites
@@ -135,14 +135,32 @@ def replacement_cost(module: nn.Module, site: ConvSite) -> tuple[int, int | None
     return params, macs
 
 
+class _UninitialisedConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose constructor skips the default initialisation; :func:`make_conv` builds one on the meta
+    device, gives it its real parameters and turns it into a plain ``nn.Conv2d`` (``__class__``) at once."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 def make_conv(like: nn.Conv2d, in_channels: int, out_channels: int, *, groups: int, spatial: bool,
               bias: bool, weight: torch.Tensor | None) -> nn.Conv2d:
     """A plain Conv2d on ``like``'s device and dtype; ``spatial`` keeps its kernel/stride/padding/dilation/mode.
 
     A pointwise (non-spatial) conv is 1x1, stride 1, no padding, padding_mode zeros. With ``weight`` given, a bias
-    (``bias=True``) copies ``like``'s; with ``weight=None`` weight and bias keep torch's default initialisation (a
-    fresh init, for training from scratch). requires_grad, the channels_last layout and the train/eval flag follow
-    ``like``.
+    (``bias=True``) copies ``like``'s (zeros when ``like`` has none); with ``weight=None`` weight and bias keep
+    torch's default initialisation (a fresh init, for training from scratch). requires_grad, the channels_last
+    layout and the train/eval flag follow ``like``. Given weights draw nothing from the random generator.
+
+    >>> like = nn.Conv2d(4, 8, 3, padding=1).requires_grad_(False).eval()
+    >>> rng = torch.random.get_rng_state()
+    >>> conv = make_conv(like, 4, 8, groups=1, spatial=True, bias=True, weight=like.weight)
+    >>> type(conv) is nn.Conv2d, conv.padding, conv.training, conv.weight.requires_grad, conv.bias.requires_grad
+    (True, (1, 1), False, False, False)
+    >>> torch.equal(conv.weight, like.weight), torch.equal(conv.bias, like.bias)
+    (True, True)
+    >>> torch.equal(torch.random.get_rng_state(), rng)
+    True
     """
     w = like.weight
     kwargs: dict[str, Any] = {"device": w.device, "dtype": w.dtype, "bias": bias, "groups": groups}
@@ -151,21 +169,29 @@ def make_conv(like: nn.Conv2d, in_channels: int, out_channels: int, *, groups: i
                    "dilation": like.dilation, "padding_mode": like.padding_mode}
     else:
         kwargs |= {"kernel_size": 1}
+    channels_last = w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
     if weight is None:
         conv = nn.Conv2d(in_channels, out_channels, **kwargs)
-    else:  # built on meta and materialised uninitialised: the default init would only be overwritten
-        conv = nn.Conv2d(in_channels, out_channels, **(kwargs | {"device": "meta"})).to_empty(device=w.device)
+        if channels_last:
+            conv.weight = nn.Parameter(conv.weight.detach().contiguous(memory_format=torch.channels_last))
+        conv.weight.requires_grad_(w.requires_grad)
+        if conv.bias is not None and like.bias is not None:
+            conv.bias.requires_grad_(like.bias.requires_grad)
+    else:  # built on meta without the default init (it would only be overwritten), then given real parameters
+        conv = _UninitialisedConv2d(in_channels, out_channels, **(kwargs | {"device": "meta"}))
+        conv.__class__ = nn.Conv2d
+        new_weight = torch.empty(conv.weight.shape, dtype=w.dtype, device=w.device)
+        new_bias = torch.empty(out_channels, dtype=w.dtype, device=w.device) if bias else None
         with torch.no_grad():
-            conv.weight.copy_(weight)
-            if conv.bias is not None:
-                conv.bias.copy_(like.bias) if like.bias is not None else conv.bias.zero_()
-    channels_last = w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
-    if channels_last:
-        conv.weight = nn.Parameter(conv.weight.detach().contiguous(memory_format=torch.channels_last))
-    conv.weight.requires_grad_(w.requires_grad)
-    if conv.bias is not None and like.bias is not None:
-        conv.bias.requires_grad_(like.bias.requires_grad)
-    conv.train(like.training)
+            new_weight.copy_(weight)
+            if new_bias is not None:
+                new_bias.copy_(like.bias) if like.bias is not None else new_bias.zero_()
+        if channels_last:  # converted as in the fresh-init branch: the same strides, also on size-1 dimensions
+            new_weight = new_weight.contiguous(memory_format=torch.channels_last)
+        conv.weight = nn.Parameter(new_weight, requires_grad=w.requires_grad)
+        if new_bias is not None:
+            conv.bias = nn.Parameter(new_bias, requires_grad=like.bias is None or like.bias.requires_grad)
+    conv.training = like.training  # a leaf module: what train(like.training) sets
     return conv
 
 
@@ -366,6 +392,17 @@ class PassManager:
     >>> result = PassManager(parse_pipeline("grouped{groups=2}"))(gm)
     >>> result.modified, result.graph_module.conv.groups
     (True, 2)
+
+    Each pass's code is generated once (the pass's own ``finalize`` leaves it to the manager):
+
+    >>> from unittest import mock
+    >>> compile_code = torch.fx.GraphModule.recompile
+    >>> manager = PassManager(parse_pipeline("depthwise-separable,grouped{groups=2}"))
+    >>> gm = trace(torch.nn.Conv2d(4, 8, 3))
+    >>> with mock.patch.object(torch.fx.GraphModule, "recompile", autospec=True, side_effect=compile_code) as spy:
+    ...     result = manager(gm)
+    >>> spy.call_count, [(r.site, r.status) for r in result.records]
+    (2, [('conv', 'rewritten'), ('conv.0', 'skipped'), ('conv.1', 'rewritten')])
     """
 
     def __init__(self, passes: Iterable[Pass], rules: Sequence[Rule] = (), *, drop_hooks: bool = False) -> None:
@@ -382,16 +419,17 @@ class PassManager:
         modified = False
         for p in self.passes:
             try:
-                result = p.run(gm, self.rules)
+                with caller_recompiles():  # the pass's finalize leaves lint and recompile to the next lines
+                    result = p.run(gm, self.rules)
+                gm = result.graph_module
+                gm.graph.lint()
+                gm.recompile()
             except ConfigError:
                 raise
             except PassFailure:
                 raise
             except Exception as exc:
                 raise PassFailure(f"pass {p.name!r} failed: {exc}") from exc
-            gm = result.graph_module
-            gm.graph.lint()
-            gm.recompile()
             records.extend(result.records)
             modified |= result.modified
         return PassResult(portable(gm), modified, tuple(records))

@@ -197,8 +197,45 @@ def test_tolerance_stops_early_and_reports_convergence() -> None:
     capped = bf.block_term(w, 10, 10, tol=0.0, max_iter=3)
     assert not capped.converged and capped.iterations == 3
     # ... and two (on the HOSVD core, then on the weight) when it does
-    capped = bf.block_term(w, 4, 4, tol=0.0, max_iter=3)
+    capped = bf.block_term(w, 2, 4, tol=0.0, max_iter=3)
     assert not capped.converged and capped.iterations == 6
+    # CP: one stage on the weight while O*I*K*R < SMALL_FIT_MACS (the compression would save no time), else two
+    assert 16 * 12 * 9 * 4 < bf.SMALL_FIT_MACS <= 64 * 64 * 9 * 32
+    capped = bf.block_term(w, 4, 4, tol=0.0, max_iter=3)
+    assert not capped.converged and capped.iterations == 3
+    capped = bf.block_term(_decaying(64, 64, 3, 3), 32, 32, tol=0.0, max_iter=3)
+    assert not capped.converged and capped.iterations == 6
+
+
+def test_cp_sweeps_with_float32_products_track_the_float64_ones() -> None:
+    """The CP stage on a large HOSVD core takes its products with the weight in float32: from the same start, the
+    same number of sweeps lands within float32 rounding of the float64 result."""
+    w3 = _decaying(24, 20, 3, 3, seed=5).reshape(24, 20, 9)
+    unf = bf._Unfolded(w3)
+    g = torch.Generator().manual_seed(0)
+    start = (torch.randn(24, 6, 1, generator=g, dtype=torch.float64), torch.zeros(6, 1, 1, 9, dtype=torch.float64),
+             torch.randn(20, 6, 1, generator=g, dtype=torch.float64))
+    (_, double, e_double, n_double, _), (_, single, e_single, n_single, _) = (
+        bf._cp_als(unf, start, 0.0, 12, fit_core=True, offset2=0.0, ref2=unf.norm2, single=s) for s in (False, True))
+    assert n_double == n_single == 12 and e_single == pytest.approx(e_double, rel=1e-6)
+    err_double, err_single = bf._fit_error(unf, double), bf._fit_error(unf, single)
+    assert err_double < 0.9 * e_double and err_single == pytest.approx(err_double, rel=1e-5)
+    gap = float((bf._dense_oki(single) - bf._dense_oki(double)).norm())
+    assert 0 < gap < 1e-5 * float(w3.norm())  # not bit-identical: the float32 products were really used
+
+
+def test_cp_sweeps_switch_to_float64_products_near_an_exact_fit() -> None:
+    """Float32 products resolve the squared error to ~1e-7 of ||W||^2 only (a plateau near 1e-4 relative error on an
+    exact CP tensor): below SINGLE_MIN_ERROR the sweeps go on in float64 and reach the float64 fit's accuracy."""
+    g = torch.Generator().manual_seed(0)
+    u, v, c = (torch.randn(n, 3, generator=g, dtype=torch.float64) for n in (12, 10, 9))
+    unf = bf._Unfolded(torch.einsum("or,ir,kr->oik", u, v, c))
+    start = (u.reshape(12, 3, 1) + 0.1 * torch.randn(12, 3, 1, generator=g, dtype=torch.float64),
+             torch.zeros(3, 1, 1, 9, dtype=torch.float64),
+             v.reshape(10, 3, 1) + 0.1 * torch.randn(10, 3, 1, generator=g, dtype=torch.float64))
+    errors = [bf._fit_error(unf, bf._cp_als(unf, start, 0.0, 40, fit_core=True, offset2=0.0, ref2=unf.norm2,
+                                             single=s)[1]) for s in (False, True)]
+    assert errors[0] < 1e-7 and errors[1] < 1e-6, errors
 
 
 @pytest.mark.parametrize("groups", [1, 2, None])

@@ -36,7 +36,8 @@ def test_chosen_options_meet_the_target_by_fxrewrites_cost_model(form: str, targ
     assert sorted(shapes) == ["conv2", "conv3", "conv4"]
     choice = digits.choose_options(shapes, form, target)
     rules = [fxrewrite.Rule(site, options=opts) for site, opts in choice.options.items()]
-    records = [r for r in fxrewrite.plan(model, (x,), passes=form, select=rules).records if r.status == "planned"]
+    records = [r for r in fxrewrite.plan(model, (x,), passes=digits.pipeline(form), select=rules).records
+               if r.status == "planned"]
     assert sorted(r.site for r in records) == sorted(shapes)
     assert sum(r.macs_before for r in records) == choice.macs_before
     assert sum(r.macs_after for r in records) == choice.macs_after

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -150,3 +152,64 @@ def test_rewrite_of_an_exported_program_refuses_options_it_cannot_honour() -> No
                           ({"concrete_args": {}, "drop_hooks": True}, "drop_hooks, concrete_args")):
         with pytest.raises(ConfigError, match=f"^{named} not supported for an ExportedProgram"):
             fxrewrite.rewrite(ep, (x,), "grouped{groups=2}", **kwargs)
+
+
+class _BatchNorms(nn.Module):
+    """An affine and a non-affine BatchNorm2d after a conv, one BatchNorm2d called twice, a BatchNorm1d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn, self.plain, self.shared = nn.BatchNorm2d(8), nn.BatchNorm2d(8, affine=False), nn.BatchNorm2d(8)
+        self.bn1d = nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.max_pool2d(torch.relu(self.plain(self.bn(self.conv(x)))), 2)
+        return self.bn1d(self.shared(self.shared(y)).flatten(2))
+
+
+def _batch_norms() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = _BatchNorms().eval()
+    for bn in (model.bn, model.plain, model.shared, model.bn1d):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    return model, torch.randn(2, 3, 8, 8)
+
+
+@pytest.mark.parametrize("decomposed", [False, True])
+def test_batch_norms_become_modules_sharing_the_program_tensors(decomposed: bool) -> None:
+    model, x = _batch_norms()
+    ep = torch.export.export(model, (x,))
+    ep = ep.run_decompositions() if decomposed else ep
+    gm = ep.module()
+    conversion = to_conv_modules(gm, set(ep.graph_signature.parameters))
+    assert list(conversion.batch_norms.values()) == ["bn", "plain"]
+    reasons = list(conversion.batch_norms_not_converted.values())
+    assert len(reasons) == 3 and sum("shared batch norm" in r for r in reasons) == 2
+    assert sum("not a 2-D batch norm" in r for r in reasons) == 1
+    for name, affine in (("bn", True), ("plain", False)):
+        bn = gm.get_submodule(name)
+        assert type(bn) is nn.BatchNorm2d and bn.affine is affine and not bn.training
+        assert bn.running_var is ep.state_dict[f"{name}.running_var"]  # the program's own tensors, not copies
+    assert gm.bn.weight is ep.state_dict["bn.weight"]
+    # only the three ATen batch norms left alone remain (with their output items when decomposed)
+    bn_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target)]
+    items = [n for n in gm.graph.nodes if n.target is operator.getitem and n.args[0] in bn_nodes]
+    assert len(bn_nodes) == 3 and len(items) == (3 if decomposed else 0)
+    assert sorted(gm.state_dict()) == sorted(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    again = torch.export.export(gm, (x,))  # re-exported in inference mode: no running statistic is updated
+    assert again.graph_signature.buffers_to_mutate == {}
+    with torch.no_grad():
+        torch.testing.assert_close(again.module()(x), model(x), rtol=0, atol=0)
+
+
+def test_batch_norms_of_a_training_mode_program_are_left_alone() -> None:
+    model, x = _batch_norms()
+    ep = torch.export.export(model.train(), (x,))
+    conversion = to_conv_modules(ep.module(), set(ep.graph_signature.parameters))
+    assert conversion.batch_norms == {} and list(conversion.converted.values()) == ["conv"]
+    assert set(conversion.batch_norms_not_converted.values()) == {"batch norm in training mode (batch statistics)"}
+    assert len(conversion.batch_norms_not_converted) == 5

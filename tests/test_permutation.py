@@ -393,13 +393,19 @@ def masked_reference(model: nn.Module, gm: torch.fx.GraphModule, result: fxrewri
     return reference
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
-def test_torchvision_models(name: str) -> None:
+def torchvision_model(name: str) -> nn.Module:
+    """A torchvision model with seeded random weights and random BatchNorm statistics, in eval mode."""
     torch.manual_seed(7)
     model = getattr(torchvision.models, name)().eval()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             randomize_bn(m)
+    return model
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_torchvision_models(name: str) -> None:
+    model = torchvision_model(name)
     x = torch.randn(1, 3, 64, 64)
     result = fxrewrite.rewrite(model, (x,), passes="grouped{groups=4, permute=true}", verify=False)
     natural = fxrewrite.rewrite(model, (x,), passes="grouped{groups=4}", verify=False)
@@ -438,3 +444,61 @@ def test_doctests_of_the_new_modules() -> None:
     from fxrewrite import permutation as perm_module
     for module in (perm_module, cc_module):
         assert doctest.testmod(module).failed == 0
+
+
+# ------------------------------------------------------------------------------ an ExportedProgram (ATen graph)
+
+
+def _module_roles(gm: torch.fx.GraphModule, x: torch.Tensor) -> list[tuple[object, ...]]:
+    """Each coupling component that touches a module: its producers, consumers, channel-wise modules, whether it
+    can be permuted (sorted: node names differ between a traced model and a program, module names do not)."""
+    propagate_shapes(gm, (x,))
+    return sorted((c.producers, c.consumers, c.channelwise, c.permutable) for c in channel_coupling(gm).components
+                  if c.producers or c.consumers or c.channelwise)
+
+
+@pytest.mark.parametrize(("name", "decomposed"), [("resnet18", False), ("mobilenet_v2", True)])
+def test_coupling_of_an_exported_program_equals_the_traced_models(name: str, decomposed: bool) -> None:
+    from fxrewrite.models import exported_graph_module
+    model, x = getattr(torchvision.models, name)().eval(), torch.randn(1, 3, 64, 64)
+    ep = torch.export.export(model, (x,))
+    program = exported_graph_module(ep.run_decompositions() if decomposed else ep)
+    expected = _module_roles(trace(model), x)
+    assert _module_roles(program, x) == expected
+    assert sum(permutable for *_, permutable in expected) > 0
+    # the residual stream before the classifier is blocked by the ATen flatten (a view once decomposed)
+    last_conv = {"resnet18": "layer4.1.conv2", "mobilenet_v2": "features.18.0"}[name]
+    last = channel_coupling(program).component(program.graph.find_nodes(op="call_module", target=last_conv)[0].name)
+    flatten = "view.default at node 'view'" if decomposed else "flatten.using_ints at node 'flatten'"
+    assert last.blockers == (flatten,)
+
+
+@pytest.mark.parametrize(("name", "decomposed"), [("resnet18", True), ("mobilenet_v2", False)])
+def test_grouped_permute_on_an_exported_program_folds_like_the_eager_model(name: str, decomposed: bool) -> None:
+    from fxrewrite.replay import apply_plan, plan_from_result
+    model = torchvision_model(name)
+    x = torch.randn(1, 3, 64, 64)
+    ep = torch.export.export(model, (x,))
+    ep = ep.run_decompositions() if decomposed else ep
+    passes = "grouped{groups=4, permute=true}"
+    eager = fxrewrite.rewrite(model, (x,), passes=passes, verify=False)
+    result = fxrewrite.rewrite(ep, (x,), passes=passes, verify=False)
+
+    def sides(r: fxrewrite.RewriteResult) -> dict[str, tuple[bool, bool]]:
+        return {rec.site: (rec.details["input_permuted"], rec.details["output_permuted"])
+                for rec in r.report.records if rec.status == "rewritten"}
+
+    assert sides(result) == sides(eager)
+    assert sum(a + b for a, b in sides(result).values()) > len(sides(result))  # most sides are permuted
+    kept = {rec.site: rec.details["kept_energy"] for rec in eager.report.records if rec.status == "rewritten"}
+    for rec in (r for r in result.report.records if r.status == "rewritten"):
+        assert rec.details["kept_energy"] == pytest.approx(kept[rec.site], rel=0, abs=1e-9)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert len(result.report.context["exported_program"]["batch_norms"]["converted"]) == n_bn
+    with torch.no_grad():
+        out = result.module.module()(x)
+        torch.testing.assert_close(out, eager.module(x))
+        # the plan replays on the eager model and takes the program's (permuted) weights
+        rebuilt = apply_plan(getattr(torchvision.models, name)(), plan_from_result(result)).eval()
+        rebuilt.load_state_dict(result.module.state_dict, strict=True)
+        torch.testing.assert_close(rebuilt(x), out, rtol=1e-5, atol=1e-5)

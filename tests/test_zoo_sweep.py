@@ -5,12 +5,14 @@ numerically and exported.
 Two tiers keep the file inside its CI budget (measured on 2 cores shared with other work, load ~4: structure
 tier 4 min 52 s; numbers tier 3 min 8 s with 7 models, now 3):
 
-- **structure, every model** (``test_structure``): the model is built on the meta device (no weights in memory, no
-  compute), traced, run on meta tensors for its shapes (fxrewrite's own FakeTensor propagation is checked on every
-  classification model by tests/test_zoo_sites.py, and here by the numbers tier), planned and rewritten with each
-  pass kind with ``init=random`` (the structure of the replacement without the SVD, which is what costs time on
-  wide layers). Checked: the plan and the run agree
-  site by site, and every rewritten site's replacement maps the site's input shape to its output shape (only conv
+- **structure** (``test_structure``; in CI every segmentation model and detection backbone and one classification
+  model per family, ``STRUCTURE_CI``: every classification model is rewritten with real weights by
+  tests/test_zoo_rewrite.py, and the 80 took 4 of this file's 7.6 loaded minutes): the model is built on the meta
+  device (no weights in memory, no compute), traced, run on meta tensors for its shapes (fxrewrite's own FakeTensor
+  propagation is checked on every classification model by tests/test_zoo_sites.py, and here by the numbers tier),
+  planned and rewritten with each pass kind with ``init=random`` (the structure of the replacement without the SVD,
+  which is what costs time on wide layers). Checked: the plan and the run agree site by site, and every rewritten
+  site's replacement maps the site's input shape to its output shape (only conv
   nodes change, so the model's output shapes are kept).
 - **numbers and export, a subset** (``test_numbers_and_export``): ``NUMERIC_SUBSET`` below, built with random
   weights on the CPU and rewritten with ``fxrewrite.rewrite`` (which verifies against the original); exact modes
@@ -43,6 +45,7 @@ import pytest
 import torch
 import torch.utils._pytree as pytree
 import torchvision
+from test_zoo_rewrite import FAMILIES
 from torch import nn
 
 import fxrewrite
@@ -149,6 +152,10 @@ BY_NAME = {e.name: e for e in ZOO}
 
 #: models whose structure sweep is expected to fail, with the reason (none: every model traces and rewrites)
 EXPECTED_STRUCTURE_FAILURES: dict[str, str] = {}
+
+#: the structure tier in CI: every segmentation model and detection backbone, and one classification model per
+#: family (test_zoo_rewrite.py rewrites every classification model with real weights, on the meta device for six)
+STRUCTURE_CI = tuple(e.name for e in ZOO if e.kind != "classification" or e.name in FAMILIES)
 
 #: the numerically checked subset (see the module docstring for why these)
 #: (classification models are checked numerically one by one in tests/test_zoo_rewrite.py; resnet18 stays here
@@ -372,11 +379,12 @@ def test_the_sweep_covers_every_model() -> None:
                       "detection backbone": len(torchvision.models.list_models(module=torchvision.models.detection))}
     assert counts == {"classification": 80, "segmentation": 6, "detection backbone": 12}
     assert set(EXPECTED_STRUCTURE_FAILURES) <= set(BY_NAME) and set(NUMERIC_SUBSET) <= set(BY_NAME)
+    assert len(STRUCTURE_CI) == 18 + len(FAMILIES)
     assert {name for name, _ in EXPECTED_NUMERIC_FAILURES} <= set(BY_NAME)
     assert {kind for _, kind in EXPECTED_NUMERIC_FAILURES} <= set(PASSES)
 
 
-@pytest.mark.parametrize("name", [e.name for e in ZOO])
+@pytest.mark.parametrize("name", STRUCTURE_CI)
 def test_structure(name: str) -> None:
     outcome = sweep_structure(BY_NAME[name])
     if name in EXPECTED_STRUCTURE_FAILURES:
