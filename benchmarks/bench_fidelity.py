@@ -14,7 +14,7 @@ repaired; not distilled). Fit time: seconds over the three rewritten layers, fxr
 tensorly, each timed alone on one thread (torch, numpy/BLAS).
 
 Run alone: ``python -m benchmarks.bench_fidelity [--quick]`` (needs ``tensorly`` and ``scikit-learn``: the test
-extra). ``--quick``: 2x only, fewer epochs and distillation steps.
+extra). ``--quick``: 2x only, three forms, fewer epochs, no distillation (its columns are nan).
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from fxrewrite import bottleneck_fit, digits
 from fxrewrite.repair import repair
 
 #: fxrewrite form -> (tensorly anchor label, the anchor's groups in the bottleneck core: None = depthwise)
+#: ``--quick``: one separable form and the two with tensorly anchors
+QUICK_FORMS = ("depthwise-separable", "depthwise-bottleneck", "tucker-2")
 ANCHORS: dict[str, tuple[str, int | None]] = {"tucker-2": ("tensorly partial_tucker", 1),
                                               "depthwise-bottleneck": ("tensorly parafac (CP)", None)}
 
@@ -106,12 +108,14 @@ def _f(x: float, digits_: int = 3) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="2x only, 8 epochs, 30 distillation steps")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"2x only, forms {', '.join(QUICK_FORMS)}, 5 epochs, no distillation")
     args = parser.parse_args(argv)
     _limit_threads()
     targets = (2.0,) if args.quick else digits.TARGETS
-    epochs, steps = (8, 30) if args.quick else (15, 150)
-    demo = digits.run_demo(targets=targets, epochs=epochs, distill_steps=steps, threads=1)
+    forms = QUICK_FORMS if args.quick else digits.FORMS
+    epochs, steps = (5, 0) if args.quick else (15, 150)
+    demo = digits.run_demo(forms=forms, targets=targets, epochs=epochs, distill_steps=steps, threads=1)
     settings = demo.settings
     # the demo's model, trained again with the same seed and settings (deterministic on one thread)
     data = digits.load_data()
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> str:
     rows: list[list[Any]] = []
     fit_seconds: dict[tuple[str, float], float] = {}
     for target in targets:
-        for form in digits.FORMS:
+        for form in forms:
             r = next(r for r in demo.rows if r.form == form and r.target == target)
             rows.append([form, f"{r.ratio:.2f}x", f"{r.weight_rel_error:.3f}", _f(r.output_error_data_free),
                          _f(r.output_error_repaired), _f(r.output_error_distilled), _f(r.acc_data_free, 2),
@@ -143,7 +147,8 @@ def main(argv: list[str] | None = None) -> str:
              "weight err = ||W - W'|| / ||W|| over the rewritten convs (data-free); output err = relative L2 of "
              "the test-set logits",
              f"repaired: fxrewrite.repair on {settings['calib_batches']} unlabelled training batches of "
-             f"{settings['batch_size']}; distilled: {settings['distill_steps']} steps of fxrewrite.distill",
+             f"{settings['batch_size']}; distilled: {settings['distill_steps']} steps of fxrewrite.distill (nan: not "
+             "run)",
              "tensorly rows: partial_tucker / parafac (init='svd', random_state=0, tensorly defaults otherwise) at the "
              "ranks of the fxrewrite row above (same MACs), loaded into the same structure; fit s = seconds over "
              f"the three layers, one thread; tensorly time / fxrewrite time: {speedups}",
