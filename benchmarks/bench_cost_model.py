@@ -88,7 +88,10 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1, as the other benchmarks: stable on a shared machine)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     rows, ratios = [], []
     for name in QUICK if args.quick else MODELS:
         model, x = _model(name)
