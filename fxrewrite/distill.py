@@ -5,7 +5,10 @@ The loss per step is the relative squared error of the outputs, ||s - t||^2 / ||
 ``site_weight`` times the mean of the same quantity over the rewritten sites' outputs. Adam with a cosine learning
 rate schedule (linear warm-up over the first tenth of the steps: Adam's first steps would otherwise jolt an already
 repaired model); the data (unlabelled inputs: a list of input tuples or a DataLoader) is cycled as often as
-``steps`` needs. The student is trained in eval mode by default (BatchNorm statistics frozen, dropout off: the model is
+``steps`` needs. The loss on the first data item is measured before and after training; if training raised it (on
+the digits model, lr 1e-3 did so to an already repaired CP bottleneck: 0.00085 -> 0.0018), the input weights are
+returned instead and the result says ``reverted`` (``revert_if_worse=False`` keeps the trained ones). The student is
+trained in eval mode by default (BatchNorm statistics frozen, dropout off: the model is
 trained as it will be run); ``train_mode=True`` trains it in train mode instead. Neither input module is changed.
 
 >>> import torch, fxrewrite
@@ -58,6 +61,9 @@ class DistillResult:
     device: str
     sites: tuple[str, ...] = ()
     seconds: float = 0.0
+    probe_before: float = math.nan  # the loss on the first data item, eval mode, before training
+    probe_after: float = math.nan  # the same after training (of the trained weights, even when reverted)
+    reverted: bool = False  # training raised the probe loss, so ``module`` holds the input weights
 
     @property
     def initial_loss(self) -> float:
@@ -70,12 +76,18 @@ class DistillResult:
         return sum(tail) / len(tail) if tail else math.nan
 
     def __str__(self) -> str:
-        return (f"distill: {self.steps} step(s) on {self.device}, lr {self.lr:g}, loss {self.initial_loss:.4g} -> "
-                f"{self.final_loss:.4g} (relative squared output error), {self.seconds:.2f} s")
+        text = (f"distill: {self.steps} step(s) on {self.device}, lr {self.lr:g}, loss {self.initial_loss:.4g} -> "
+                f"{self.final_loss:.4g} (relative squared output error), probe {self.probe_before:.4g} -> "
+                f"{self.probe_after:.4g}, {self.seconds:.2f} s")
+        if self.reverted:
+            text += ("\ndistill: training raised the loss on the probe (the first data item), so the input weights "
+                     "were kept; try a smaller lr")
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         return {"losses": list(self.losses), "steps": self.steps, "lr": self.lr, "device": self.device,
-                "sites": list(self.sites), "seconds": self.seconds}
+                "sites": list(self.sites), "seconds": self.seconds, "probe_before": self.probe_before,
+                "probe_after": self.probe_after, "reverted": self.reverted}
 
 
 def _relative_sq(student: Any, teacher: Any) -> torch.Tensor:
@@ -116,10 +128,14 @@ def distill(original: nn.Module, rewritten: torch.fx.GraphModule, data: Iterable
             lr: float = 1e-3, device: str | torch.device | None = None, site_weight: float = 0.0,
             progress: bool = True, input_fn: InputFn | None = None, weight_decay: float = 0.0,
             train_mode: bool = False, concrete_args: Mapping[str, Any] | None = None,
-            leaf_modules: Iterable[LeafSpec] = (), autowrap_functions: Iterable[Callable[..., Any]] = ()
-            ) -> DistillResult:
+            leaf_modules: Iterable[LeafSpec] = (), autowrap_functions: Iterable[Callable[..., Any]] = (),
+            revert_if_worse: bool = True) -> DistillResult:
     """Fine-tune a copy of ``rewritten`` for ``steps`` Adam steps so its outputs (and, with ``site_weight > 0``, its
     rewritten sites' outputs) match ``original``'s on ``data``; returns the copy and the loss history.
+
+    The loss on the first data item (eval mode, no gradient) is taken before and after training; when training
+    raised it (an lr too large for an already repaired model does), ``revert_if_worse`` keeps the input weights and
+    the result says so (``reverted``).
 
     ``device`` (default: where ``rewritten`` is) is where training runs; the inputs are moved there. A progress bar
     goes to stderr when it is a terminal and ``progress`` is True.
@@ -166,6 +182,29 @@ def distill(original: nn.Module, rewritten: torch.fx.GraphModule, data: Iterable
                               "be matched; use site_weight=0")
         site_names = tuple(names)
 
+    def loss_on(inputs: tuple[Any, ...]) -> torch.Tensor:
+        with torch.no_grad():
+            if reference is None:
+                t_out, t_sites = teacher(*inputs), {}
+            else:
+                t_out, t_sites = _teacher_values(reference, inputs, watch)
+        captured.clear()
+        loss = _relative_sq(student(*inputs), t_out)
+        if site_weight > 0:
+            loss = loss + site_weight * torch.stack([_relative_sq(captured[n], t_sites[n]) for n in site_names]).mean()
+        return loss
+
+    first = next(iter(data), None)
+    if first is None:
+        raise ConfigError("distill: the data is empty")
+    probe_inputs = _to(as_inputs(first, input_fn), target)
+
+    def probe() -> float:
+        with torch.no_grad(), eval_mode(teacher, student):
+            return float(loss_on(probe_inputs))
+
+    start_state = {k: v.detach().clone() for k, v in student.state_dict().items()} if revert_if_worse else {}
+    probe_before = probe()
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     warmup = max(1, steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: _lr_factor(i, steps, warmup))
@@ -176,17 +215,7 @@ def distill(original: nn.Module, rewritten: torch.fx.GraphModule, data: Iterable
         with eval_mode(teacher):
             student.train(train_mode)
             for _ in range(steps):
-                inputs = _to(as_inputs(next(items), input_fn), target)
-                with torch.no_grad():
-                    if reference is None:
-                        t_out, t_sites = teacher(*inputs), {}
-                    else:
-                        t_out, t_sites = _teacher_values(reference, inputs, watch)
-                captured.clear()
-                loss = _relative_sq(student(*inputs), t_out)
-                if site_weight > 0:
-                    terms = [_relative_sq(captured[n], t_sites[n]) for n in site_names]
-                    loss = loss + site_weight * torch.stack(terms).mean()
+                loss = loss_on(_to(as_inputs(next(items), input_fn), target))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -195,15 +224,19 @@ def distill(original: nn.Module, rewritten: torch.fx.GraphModule, data: Iterable
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
+        probe_after = probe()
     finally:
         for h in hooks:
             h.remove()
         if bar is not None:
             bar.close()
+    reverted = revert_if_worse and probe_after > probe_before
+    if reverted:
+        student.load_state_dict(start_state)
     student.train(rewritten.training)
     student.zero_grad(set_to_none=True)
     return DistillResult(student, tuple(losses), steps, float(lr), str(target), site_names,
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, probe_before, probe_after, reverted)
 
 
 def _lr_factor(step: int, steps: int, warmup: int) -> float:

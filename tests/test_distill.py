@@ -50,6 +50,27 @@ def test_loss_decreases_over_20_steps_and_inputs_are_untouched() -> None:
     assert not model.training and result.module is not rewritten
 
 
+def test_training_that_raises_the_probe_loss_is_reverted() -> None:
+    model, rewritten, data = _setup()
+    (x,) = data[0]
+    with torch.no_grad():
+        s, t = rewritten(x), model(x)
+    start = float((s - t).square().sum() / t.square().sum())
+    good = distill(model, rewritten, data, steps=20, lr=1e-2, progress=False)
+    assert good.probe_before == pytest.approx(start, rel=1e-5)
+    assert good.probe_after < good.probe_before and not good.reverted
+    # an absurd learning rate: training diverges, the probe loss rises, the input weights come back bit for bit
+    bad = distill(model, rewritten, data, steps=5, lr=10.0, progress=False)
+    assert bad.probe_after > bad.probe_before == pytest.approx(start, rel=1e-5) and bad.reverted
+    for k, v in rewritten.state_dict().items():
+        torch.testing.assert_close(bad.module.state_dict()[k], v, rtol=0, atol=0)
+    assert "input weights were kept" in str(bad)
+    kept = distill(model, rewritten, data, steps=5, lr=10.0, progress=False, revert_if_worse=False)
+    assert not kept.reverted and kept.probe_after == pytest.approx(bad.probe_after, rel=1e-4)
+    with torch.no_grad():
+        assert not torch.equal(kept.module(x), s)
+
+
 def test_site_weight_adds_the_site_terms() -> None:
     model, rewritten, data = _setup()
     plain = distill(model, rewritten, data, steps=1, lr=1e-3, progress=False)
