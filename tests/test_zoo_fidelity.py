@@ -38,8 +38,9 @@ googlenet and shufflenet_v2 the BatchNorm running statistics are first set to th
   do not carry over to new images), and convnext_tiny 1.383, swin_t 1.096, vit_b_16 1.049 unchanged
   (every refit kept out: their data-free outputs are already uncorrelated with the original's). Tests run the
   cheapest: ``REPAIR_FAMILIES``, ``BN_MATCH_FAMILIES`` (case a), ``UNDERDETERMINED_FAMILIES`` (case b).
-- Distillation (3 steps, default lr) on ``DISTILL_FAMILIES``: finite losses, the first one equal to the data-free
-  rewrite's relative squared output error computed here, output shapes kept, the student's parameters changed,
+- Distillation (3 steps, default lr, ``revert_if_worse=False`` so that the training itself is checked) on
+  ``DISTILL_FAMILIES``: finite losses, the first one equal to the data-free rewrite's relative squared output error
+  computed here (and to the probe loss before training), output shapes kept, the student's parameters changed,
   neither input module changed.
 
 Repair and distillation run on subsets for time (the whole file is kept under 150 s on a quiet 2-core machine): one
