@@ -44,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,63 +214,67 @@ def to_conv_modules(gm: torch.fx.GraphModule, parameters: set[str]) -> Conversio
     ``nn.Conv2d`` / ``nn.BatchNorm2d`` submodules that share the original Parameters and buffers (see the module
     docstring for which are eligible)."""
     uses = _attr_uses(gm)
-    converted: dict[str, str] = {}
-    skipped: dict[str, str] = {}
-    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in CONV_OPS]:
-        bound = _conv_args(node)
-        reason = bound if isinstance(bound, str) else _why_not(gm, bound, parameters, uses)
-        if reason is not None:
-            skipped[node.name] = reason
-            continue
-        assert isinstance(bound, dict)
-        owner_name = str(bound["weight"].target).rpartition(".")[0]
-        owner = gm.get_submodule(owner_name)
-        weight = owner._parameters["weight"]
-        assert weight is not None
-        groups = int(bound["groups"])
-        padding = bound["padding"] if isinstance(bound["padding"], str) else _pair(bound["padding"])
-        conv = nn.Conv2d(int(weight.shape[1]) * groups, int(weight.shape[0]), _pair(weight.shape[2:]),
-                         _pair(bound["stride"]), padding, _pair(bound["dilation"]), groups,
-                         bias=bound.get("bias") is not None, device="meta", dtype=weight.dtype)
-        conv.weight = weight  # the same Parameter objects: nothing is copied
-        conv.bias = owner._parameters.get("bias") if bound.get("bias") is not None else None
-        conv.train(gm.training)
-        _install(gm, node, owner_name, conv, bound["input"], [node])
-        converted[node.name] = owner_name
-    batch_norms, bn_skipped = _to_batch_norm_modules(gm, parameters, uses)
+    converted, skipped = _convert(gm, CONV_OPS, _conv_args, lambda b: _why_not(gm, b, parameters, uses),
+                                  lambda b: _conv_module(gm, b))
+    batch_norms, bn_skipped = _convert(gm, BATCH_NORM_OPS, _bn_args, lambda b: _bn_why_not(gm, b, parameters, uses),
+                                       lambda b: _batch_norm_module(gm, b))
     gm.graph.lint()
     gm.recompile()
     return Conversion(converted, skipped, batch_norms, bn_skipped)
 
 
-def _to_batch_norm_modules(gm: torch.fx.GraphModule, parameters: set[str], uses: Counter[str]
-                           ) -> tuple[dict[str, str], dict[str, str]]:
-    """The batch norm half of ``to_conv_modules``: each converted module is in eval mode, as the program's op
-    (recorded with ``training=False``) is."""
+def _convert(gm: torch.fx.GraphModule, ops: Collection[Any], bind: Callable[[torch.fx.Node], dict[str, Any] | str],
+             why_not: Callable[[dict[str, Any]], str | None], build: Callable[[dict[str, Any]], tuple[str, nn.Module]]
+             ) -> tuple[dict[str, str], dict[str, str]]:
+    """Replace each ``ops`` node that ``bind`` and ``why_not`` accept by a call of the module ``build`` makes (at the
+    owner's name); returns the converted (node -> module name) and the skipped nodes (node -> reason)."""
     converted: dict[str, str] = {}
     skipped: dict[str, str] = {}
-    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in BATCH_NORM_OPS]:
-        bound = _bn_args(node)
-        reason = bound if isinstance(bound, str) else _bn_why_not(gm, bound, parameters, uses)
+    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ops]:
+        bound = bind(node)
+        reason = bound if isinstance(bound, str) else why_not(bound)
         if reason is not None:
             skipped[node.name] = reason
             continue
         assert isinstance(bound, dict)
-        owner_name = str(bound["running_mean"].target).rpartition(".")[0]
-        owner = gm.get_submodule(owner_name)
-        mean = owner._buffers["running_mean"]
-        assert mean is not None
-        bn = nn.BatchNorm2d(int(mean.shape[0]), float(bound["eps"]), bound["momentum"],
-                            affine=bound.get("weight") is not None, device="meta", dtype=mean.dtype)
-        # the same Parameter and buffer objects, nothing copied; state_dict keys stay the owner's
-        bn.weight, bn.bias = owner._parameters.get("weight"), owner._parameters.get("bias")
-        bn.running_mean, bn.running_var = mean, owner._buffers["running_var"]
-        bn.num_batches_tracked = owner._buffers.get("num_batches_tracked")
-        bn._non_persistent_buffers_set = set(owner._non_persistent_buffers_set)
-        bn.eval()
-        _install(gm, node, owner_name, bn, bound["input"], bound["outputs"])
+        owner_name, module = build(bound)
+        _install(gm, node, owner_name, module, bound["input"], bound.get("outputs", [node]))
         converted[node.name] = owner_name
     return converted, skipped
+
+
+def _conv_module(gm: torch.fx.GraphModule, bound: dict[str, Any]) -> tuple[str, nn.Conv2d]:
+    """The ``nn.Conv2d`` for an accepted ATen convolution, holding the owner's Parameter objects."""
+    owner_name = str(bound["weight"].target).rpartition(".")[0]
+    owner = gm.get_submodule(owner_name)
+    weight = owner._parameters["weight"]
+    assert weight is not None
+    groups = int(bound["groups"])
+    padding = bound["padding"] if isinstance(bound["padding"], str) else _pair(bound["padding"])
+    conv = nn.Conv2d(int(weight.shape[1]) * groups, int(weight.shape[0]), _pair(weight.shape[2:]),
+                     _pair(bound["stride"]), padding, _pair(bound["dilation"]), groups,
+                     bias=bound.get("bias") is not None, device="meta", dtype=weight.dtype)
+    conv.weight = weight  # the same Parameter objects: nothing is copied
+    conv.bias = owner._parameters.get("bias") if bound.get("bias") is not None else None
+    conv.train(gm.training)
+    return owner_name, conv
+
+
+def _batch_norm_module(gm: torch.fx.GraphModule, bound: dict[str, Any]) -> tuple[str, nn.BatchNorm2d]:
+    """The ``nn.BatchNorm2d`` for an accepted ATen batch norm, in eval mode as the program's op (recorded with
+    ``training=False``) is, holding the owner's Parameter and buffer objects (state_dict keys stay the owner's)."""
+    owner_name = str(bound["running_mean"].target).rpartition(".")[0]
+    owner = gm.get_submodule(owner_name)
+    mean = owner._buffers["running_mean"]
+    assert mean is not None
+    bn = nn.BatchNorm2d(int(mean.shape[0]), float(bound["eps"]), bound["momentum"],
+                        affine=bound.get("weight") is not None, device="meta", dtype=mean.dtype)
+    bn.weight, bn.bias = owner._parameters.get("weight"), owner._parameters.get("bias")
+    bn.running_mean, bn.running_var = mean, owner._buffers["running_var"]
+    bn.num_batches_tracked = owner._buffers.get("num_batches_tracked")
+    bn._non_persistent_buffers_set = set(owner._non_persistent_buffers_set)
+    bn.eval()
+    return owner_name, bn
 
 
 def _example_inputs(ep: torch.export.ExportedProgram, example_inputs: Any) -> tuple[Any, ...]:
