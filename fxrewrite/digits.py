@@ -24,7 +24,7 @@ import math
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -307,11 +307,15 @@ class DemoRow:
 
 @dataclass(frozen=True)
 class DemoResult:
+    """The rows, the original's accuracy, timings and settings; ``model`` is the trained original (not in
+    ``to_dict``)."""
+
     rows: tuple[DemoRow, ...]
     acc_original: float
     train_seconds: float
     seconds: float
     settings: Mapping[str, Any]
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def cost_table(self, tablefmt: str = "simple") -> str:
         head = ["form", "target", "per-site options", "conv MACs before", "conv MACs after", "achieved",
@@ -389,8 +393,8 @@ def _run_demo(forms: Sequence[str], targets: Sequence[float], epochs: int, width
     model = train_cnn(data, epochs=epochs, width=width, seed=seed, batch_size=batch_size)
     train_seconds = time.perf_counter() - t0
     acc_original = accuracy(model, data.x_test, data.y_test)
-    calib = training_batches(data, batch_size, seed)[:calib_batches]
     train_batches = training_batches(data, batch_size, seed)
+    calib = train_batches[:calib_batches]
     example = data.x_test[:1]
     shapes = conv_shapes(model, example)
     rows = []
@@ -423,7 +427,7 @@ def _run_demo(forms: Sequence[str], targets: Sequence[float], epochs: int, width
                 "distill_steps": distill_steps, "distill_lr": distill_lr, "seed": seed,
                 "train": int(data.x_train.shape[0]), "test": int(data.x_test.shape[0]),
                 "threads": torch.get_num_threads(), "torch": torch.__version__}
-    return DemoResult(tuple(rows), acc_original, train_seconds, time.perf_counter() - start, settings)
+    return DemoResult(tuple(rows), acc_original, train_seconds, time.perf_counter() - start, settings, model)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
