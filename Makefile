@@ -23,7 +23,7 @@ $(STAMP_TEST): pyproject.toml | $(PY)
 # The main job: train a small CNN on scikit-learn's digits, rewrite it at 2x and 4x fewer conv MACs with each form,
 # and print costs and accuracy (original / data-free / repaired / repaired + distillation).
 run: $(STAMP_RUN)
-	$(PY) -m fxrewrite.digits
+	$(PY) -m fxrewrite.demos.digits
 
 # The test suite without the model-zoo sweeps (those are marked slow and run by `make test-zoo`).
 test: $(STAMP_TEST)

@@ -1,6 +1,6 @@
-"""Budgets (``fxrewrite.budget``): the budgeted plan against uniform plans at the same MACs, and the time to choose.
+"""Budgets (``fxrewrite.budget.budget``): the budgeted plan against uniform plans at the same MACs, and the time to choose.
 
-1. Digits CNN (``fxrewrite.digits``: trained on scikit-learn's digits, 4 convs, the 1-channel stem is not
+1. Digits CNN (``fxrewrite.demos.digits``: trained on scikit-learn's digits, 4 convs, the 1-channel stem is not
    rewritable): for each MAC target, the best uniform plan of each family that meets it (uniform depthwise-separable
    rank, uniform grouped-separable rank with 4 groups, uniform group count, uniform Tucker-2 rank), and the budgeted
    plan at exactly that uniform plan's MAC fraction ("same MACs") and at the target itself. Measured: the logits'
@@ -28,11 +28,11 @@ from torch import nn
 
 import fxrewrite
 from benchmarks.common import write_results
-from fxrewrite import digits
-from fxrewrite.budget import DEFAULT_FORMS, BudgetPlan, Target, choose_plan
-from fxrewrite.capture import trace
-from fxrewrite.cost import model_cost
-from fxrewrite.shapes import propagate_shapes
+from fxrewrite.budget.budget import DEFAULT_FORMS, BudgetPlan, Target, choose_plan
+from fxrewrite.demos import digits
+from fxrewrite.graph.capture import trace
+from fxrewrite.graph.shapes import propagate_shapes
+from fxrewrite.measure.cost import model_cost
 
 WITH_TUCKER = (*DEFAULT_FORMS, "tucker2")
 FAMILIES: dict[str, tuple[str, list[int]]] = {
@@ -212,7 +212,7 @@ def _write(rows: list[list[Any]], r50_rows: list[list[Any]], timing: list[list[A
                "vs uniform"]
     notes = [*notes,
              "MACs and params are the whole model's, as fractions of the original (1 MAC = one multiply-add); every "
-             "budgeted plan was applied and its cost recomputed by fxrewrite.cost: it equals the plan's and never "
+             "budgeted plan was applied and its cost recomputed by fxrewrite.measure.cost: it equals the plan's and never "
              "exceeds the target.",
              "'budget @ same MACs' is choose_plan(Target(macs=f)) with f the uniform plan's MAC fraction (default "
              "forms depthwise-separable, grouped-separable, grouped; default objective log-cosine, sum of "

@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import median_time, write_results
-from fxrewrite.cost import model_cost
+from fxrewrite.measure.cost import model_cost
 
 MODELS = ("alexnet", "vgg11", "resnet18", "resnet50", "resnet152", "resnext50_32x4d", "wide_resnet50_2",
           "squeezenet1_1", "densenet121", "googlenet", "inception_v3", "mobilenet_v2", "mobilenet_v3_large",

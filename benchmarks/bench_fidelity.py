@@ -1,11 +1,11 @@
 """Fidelity on trained weights: every rewrite form on the digits CNN at 2x and 4x fewer conv MACs, with tensorly's
 Tucker-2 (``partial_tucker``) and CP (``parafac``) as anchors at equal MACs, in one table.
 
-The model is ``fxrewrite.digits``' 4-conv CNN trained on scikit-learn's ``load_digits`` (seeded; no download). For
-each form and target, ``fxrewrite.digits.run_demo`` chooses per-site options meeting the target, rewrites every conv
+The model is ``fxrewrite.demos.digits``' 4-conv CNN trained on scikit-learn's ``load_digits`` (seeded; no download). For
+each form and target, ``fxrewrite.demos.digits.run_demo`` chooses per-site options meeting the target, rewrites every conv
 but the stem and reports: the weight-space relative error ||W - W'|| / ||W|| over the rewritten convs, the relative
-L2 error of the test-set logits, and test accuracy - data-free, after ``fxrewrite.repair`` (8 unlabelled training
-batches) and after a short ``fxrewrite.distill``.
+L2 error of the test-set logits, and test accuracy - data-free, after ``fxrewrite.tuning.repair`` (8 unlabelled training
+batches) and after a short ``fxrewrite.tuning.distill``.
 
 Anchors: at the same per-site ranks as fxrewrite's Tucker-2 and depthwise-bottleneck rows (so the same MACs),
 ``partial_tucker(rank=[R, R], modes=[0, 1])`` and ``parafac(rank=R, init='svd')`` (tensorly defaults otherwise) are
@@ -30,8 +30,9 @@ from torch import nn
 
 import fxrewrite
 from benchmarks.common import write_results
-from fxrewrite import bottleneck_fit, digits
-from fxrewrite.repair import repair
+from fxrewrite.demos import digits
+from fxrewrite.maths import bottleneck_fit
+from fxrewrite.tuning.repair import repair
 
 #: fxrewrite form -> (tensorly anchor label, the anchor's groups in the bottleneck core: None = depthwise)
 #: ``--quick``: one separable form and the two with tensorly anchors

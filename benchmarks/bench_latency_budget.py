@@ -1,9 +1,9 @@
 """Latency budgets: time to choose a ``Target(latency=...)`` plan (cold, warm memory cache, warm disk cache) and the
 plan's predicted vs measured model latency, on the eager CPU backend.
 
-Models: the digits CNN trained here (``fxrewrite.digits``, batch 64 of 8x8 images) and resnet18 (random weights,
+Models: the digits CNN trained here (``fxrewrite.demos.digits``, batch 64 of 8x8 images) and resnet18 (random weights,
 1x3x224x224; speed does not depend on values). The predicted latency is the original model's measured latency minus
-the per-site savings timed by ``fxrewrite.layer_latency``; the measured one times the whole rewritten model with
+the per-site savings timed by ``fxrewrite.budget.layer_latency``; the measured one times the whole rewritten model with
 ``fxrewrite.measure_latency`` (median of 20 runs, 3 repetitions, median taken). One torch thread.
 
 Run alone: ``python -m benchmarks.bench_latency_budget [--quick]`` (``--quick``: digits only).
@@ -23,12 +23,12 @@ import torchvision
 from torch import nn
 
 from benchmarks.common import write_results
-from fxrewrite import digits
-from fxrewrite.budget import Target, choose_plan
-from fxrewrite.capture import trace
-from fxrewrite.latency import measure_latency
-from fxrewrite.layer_latency import LayerLatency, clear_memory_cache
-from fxrewrite.shapes import propagate_shapes
+from fxrewrite.budget.budget import Target, choose_plan
+from fxrewrite.budget.layer_latency import LayerLatency, clear_memory_cache
+from fxrewrite.demos import digits
+from fxrewrite.graph.capture import trace
+from fxrewrite.graph.shapes import propagate_shapes
+from fxrewrite.measure.latency import measure_latency
 
 THREADS = 1
 

@@ -23,9 +23,9 @@ import torchvision
 from torch import nn
 
 from benchmarks.common import median_time, write_results
-from fxrewrite.capture import trace
+from fxrewrite.graph.capture import trace
+from fxrewrite.graph.shapes import propagate_shapes
 from fxrewrite.passes import DepthwiseSeparable, PassManager
-from fxrewrite.shapes import propagate_shapes
 
 
 class ConvChain(nn.Module):
@@ -60,8 +60,8 @@ def replace_pattern_anchor(gm: torch.fx.GraphModule) -> int:
     """Conv -> depthwise + pointwise with one ``subgraph_rewriter.replace_pattern`` per conv (same factorisation)."""
     from torch.fx import subgraph_rewriter
 
-    from fxrewrite.factorize import depthwise_separable
-    from fxrewrite.sites import find_sites
+    from fxrewrite.graph.sites import find_sites
+    from fxrewrite.maths.factorize import depthwise_separable
     count = 0
     for site in find_sites(gm):
         if site.reason_for("depthwise-separable") is not None:

@@ -25,7 +25,7 @@ from torch import nn
 
 import fxrewrite
 from benchmarks.common import write_results
-from fxrewrite.latency import time_round_robin
+from fxrewrite.measure.latency import time_round_robin
 
 VARIANTS = {
     "dw-sep r1": "depthwise-separable{rank=1}",

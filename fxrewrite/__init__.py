@@ -12,11 +12,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from fxrewrite.api import Plan, RewriteResult, plan, rewrite
-from fxrewrite.artifacts import SavedArtifact, save
-from fxrewrite.budget import BudgetInfeasible, Target
-from fxrewrite.capture import trace
-from fxrewrite.distill import DistillResult, distill
+from fxrewrite.budget.budget import BudgetInfeasible, Target
 from fxrewrite.errors import (
     ConfigError,
     FxRewriteError,
@@ -25,16 +21,20 @@ from fxrewrite.errors import (
     TraceFailure,
     VerificationFailure,
 )
-from fxrewrite.latency import LatencyReport, measure_latency
-from fxrewrite.patterns import Match, MatchFailure, NodePattern, Pattern
-from fxrewrite.repair import RepairResult, SiteRepair, load_calibration, repair
-from fxrewrite.replay import RewritePlan, apply_plan, load_rewritten, plan_from_result
-from fxrewrite.report import Report, SiteRecord
-from fxrewrite.select import Rule
-from fxrewrite.sites import ConvSite, ConvSpec, Reason, find_sites
+from fxrewrite.frontends.api import Plan, RewriteResult, plan, rewrite
+from fxrewrite.graph.capture import trace
+from fxrewrite.graph.patterns import Match, MatchFailure, NodePattern, Pattern
+from fxrewrite.graph.select import Rule
+from fxrewrite.graph.sites import ConvSite, ConvSpec, Reason, find_sites
+from fxrewrite.io.artifacts import SavedArtifact, save
+from fxrewrite.io.replay import RewritePlan, apply_plan, load_rewritten, plan_from_result
+from fxrewrite.measure.latency import LatencyReport, measure_latency
+from fxrewrite.report.report import Report, SiteRecord
+from fxrewrite.tuning.distill import DistillResult, distill
+from fxrewrite.tuning.repair import RepairResult, SiteRepair, load_calibration, repair
 
-# the function `verify` shadows the submodule of that name: import its helpers with `from fxrewrite.verify import x`
-from fxrewrite.verify import Verification, verify
+# the function `verify` shadows the submodule of that name: import its helpers with `from fxrewrite.verification.verify import x`
+from fxrewrite.verification.verify import Verification, verify
 
 __all__ = [
     "BudgetInfeasible",

@@ -2,6 +2,6 @@
 
 import sys
 
-from fxrewrite.cli import main
+from fxrewrite.frontends.cli import main
 
 sys.exit(main())

@@ -22,14 +22,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from fxrewrite.cost import conv_macs
 from fxrewrite.errors import ConfigError, FxRewriteError, PassFailure
-from fxrewrite.patterns import attr_of
-from fxrewrite.report import SiteRecord
-from fxrewrite.rewriter import PROVENANCE_KEY, caller_recompiles, finalize, portable, replace_conv
-from fxrewrite.select import Rule, Selection, resolve
-from fxrewrite.shapes import step_output_shape
-from fxrewrite.sites import CONV_FUNCTIONS, ConvSite, Reason, dropping_hooks, find_sites
+from fxrewrite.graph.patterns import attr_of
+from fxrewrite.graph.rewriter import PROVENANCE_KEY, caller_recompiles, finalize, portable, replace_conv
+from fxrewrite.graph.select import Rule, Selection, resolve
+from fxrewrite.graph.shapes import step_output_shape
+from fxrewrite.graph.sites import CONV_FUNCTIONS, ConvSite, Reason, dropping_hooks, find_sites
+from fxrewrite.measure.cost import conv_macs
+from fxrewrite.report.report import SiteRecord
 
 #: Reason codes that mean "this group count cannot be used at this site": an error, not a skip, for a site that a
 #: rule names exactly (the user asked for that layer and that count).
@@ -110,9 +110,9 @@ def replacement_cost(module: nn.Module, site: ConvSite) -> tuple[int, int | None
     counted at the spatial size it computes, from the site's input shape on: the 1x1 in front of a strided kxk conv
     (a bottleneck's first conv) runs at the input resolution, the rest at the output resolution.
 
-    >>> from fxrewrite.sites import find_sites
-    >>> from fxrewrite.capture import trace
-    >>> from fxrewrite.shapes import propagate_shapes
+    >>> from fxrewrite.graph.sites import find_sites
+    >>> from fxrewrite.graph.capture import trace
+    >>> from fxrewrite.graph.shapes import propagate_shapes
     >>> gm = trace(nn.Conv2d(8, 16, 3, stride=2, padding=1))
     >>> propagate_shapes(gm, (torch.randn(1, 8, 16, 16),))
     >>> first_1x1_then_strided = nn.Sequential(nn.Conv2d(8, 4, 1), nn.Conv2d(4, 16, 3, stride=2, padding=1))
@@ -258,7 +258,7 @@ def sequential(*convs: nn.Conv2d, like: nn.Module) -> nn.Sequential:
 class ConvRewritePass(Pass):
     """Template for passes that replace a Conv2d site by cheaper convolutions.
 
-    Subclasses set ``kind`` (a rewrite kind from ``fxrewrite.sites.REWRITE_KINDS``) and implement ``check`` (the
+    Subclasses set ``kind`` (a rewrite kind from ``fxrewrite.graph.sites.REWRITE_KINDS``) and implement ``check`` (the
     option-specific eligibility) and ``build`` (the replacement, from the trained weight).
     """
 
@@ -386,7 +386,7 @@ class PassManager:
     them in ``details["dropped_hooks"]``); by default such convs are skipped as ``module-hooks``.
 
     >>> import torch
-    >>> from fxrewrite.capture import trace
+    >>> from fxrewrite.graph.capture import trace
     >>> from fxrewrite.passes import parse_pipeline
     >>> gm = trace(torch.nn.Conv2d(4, 8, 3))
     >>> result = PassManager(parse_pipeline("grouped{groups=2}"))(gm)

@@ -3,7 +3,7 @@
 ``depthwise-bottleneck{rank=R}`` is the CP form (MobileNetV2's linear bottleneck): R rank-1 terms, a depthwise kxk
 conv on R channels. ``grouped-bottleneck{groups=g, rank=R}`` is the block-term form (ResNeXt's block): a grouped kxk
 conv with g groups of R/g channels; ``groups=1`` is Tucker-2 and ``groups=R`` the depthwise bottleneck. Weights are
-fitted to the trained weight by ``fxrewrite.bottleneck_fit`` (closed-form start, then alternating least squares to
+fitted to the trained weight by ``fxrewrite.maths.bottleneck_fit`` (closed-form start, then alternating least squares to
 ``tol`` / ``max_iter``); ``rank=exact`` (or any rank at least the exact rank) reproduces the conv. The kxk conv keeps
 the original's kernel, stride, padding, dilation and padding_mode; the 1x1 convs have none of them (the first has no
 bias, so zero padding commutes with it); the bias goes on the last conv. ``tol=auto`` is the fit's default
@@ -12,7 +12,7 @@ torch's default initialisation. The weight-space relative error, the sweeps run 
 per site.
 
 >>> import torch
->>> from fxrewrite.capture import trace
+>>> from fxrewrite.graph.capture import trace
 >>> gm = trace(torch.nn.Conv2d(8, 16, 3, padding=1))
 >>> result = GroupedBottleneck(groups=2, rank=8, max_iter=3)(gm)
 >>> [(c.in_channels, c.out_channels, c.kernel_size, c.groups) for c in result.graph_module.conv]
@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fxrewrite import bottleneck_fit
-from fxrewrite.rewriter import PROVENANCE_KEY
-from fxrewrite.select import Rule, Selection
-from fxrewrite.sites import ConvSite, Reason
+from fxrewrite.graph.rewriter import PROVENANCE_KEY
+from fxrewrite.graph.select import Rule, Selection
+from fxrewrite.graph.sites import ConvSite, Reason
+from fxrewrite.maths import bottleneck_fit
 
 from .base import Built, ConvRewritePass, Pass, make_conv, sequential
 

@@ -23,7 +23,7 @@ tensor that all need the same shuffle share one op. A second run finds the shuff
 
 >>> import torch
 >>> from torch import nn
->>> from fxrewrite.capture import trace
+>>> from fxrewrite.graph.capture import trace
 >>> m = nn.Sequential(nn.Conv2d(8, 8, 1, groups=2), nn.ReLU(), nn.Conv2d(8, 8, 1))
 >>> r = ChannelShuffle(rule="all", fold=False)(trace(m))
 >>> [n.target for n in r.graph_module.graph.nodes if n.op == "call_method"]
@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxrewrite import factorize
-from fxrewrite.report import SiteRecord
-from fxrewrite.rewriter import PROVENANCE_KEY, finalize, insert_methods_before, reroute_input, set_conv_weight
-from fxrewrite.select import Rule, Selection, resolve
-from fxrewrite.sites import ConvSite, find_sites
+from fxrewrite.graph.rewriter import PROVENANCE_KEY, finalize, insert_methods_before, reroute_input, set_conv_weight
+from fxrewrite.graph.select import Rule, Selection, resolve
+from fxrewrite.graph.sites import ConvSite, find_sites
+from fxrewrite.maths import factorize
+from fxrewrite.report.report import SiteRecord
 
 from .base import Pass, PassResult, wrap_site_error
 

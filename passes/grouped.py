@@ -5,10 +5,10 @@ Output block b keeps the weights that see input block b; the rest is dropped. Th
 sqrt(1 - kept). A weight that is already block-diagonal converts exactly. ``init=random`` uses torch's default
 initialisation instead.
 
-``permute=true`` first chooses which channels share a group (``fxrewrite.permutation.search``: the groupings of every
+``permute=true`` first chooses which channels share a group (``fxrewrite.maths.permutation.search``: the groupings of every
 rewritten site's input and output channels that keep the most energy, never less than the natural order at any
 site) and folds the permutations into the layers around them, so no gather op is added: a permuted channel space is
-a component of the channel-coupling graph (``fxrewrite.channel_coupling``); the dense convs writing it reorder their
+a component of the channel-coupling graph (``fxrewrite.graph.coupling``); the dense convs writing it reorder their
 output channels and bias, its batch norms / PReLUs / depthwise convs their per-channel state, and the dense convs
 reading it (the sites among them) their input channels. A component that cannot absorb a permutation exactly (the
 model's output, a flatten, a concat, a grouped conv, a residual stream reaching one of these, ...), or that is shared
@@ -18,7 +18,7 @@ natural order, why (``input_reason`` / ``output_reason``). The rewritten model c
 conv on the explicitly permuted channels computes: the only change to the function is the dropped off-block weights.
 
 >>> import torch
->>> from fxrewrite.capture import trace
+>>> from fxrewrite.graph.capture import trace
 >>> gm = trace(torch.nn.Conv2d(8, 16, 3))
 >>> Grouped(groups=4)(gm).graph_module.conv.groups
 4
@@ -35,12 +35,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxrewrite import factorize, permutation
-from fxrewrite.channel_coupling import ChannelCoupling, channel_coupling
-from fxrewrite.report import SiteRecord
-from fxrewrite.rewriter import permute_channels
-from fxrewrite.select import Rule
-from fxrewrite.sites import ConvSite, Reason, check_groups
+from fxrewrite.graph.coupling import ChannelCoupling, channel_coupling
+from fxrewrite.graph.rewriter import permute_channels
+from fxrewrite.graph.select import Rule
+from fxrewrite.graph.sites import ConvSite, Reason, check_groups
+from fxrewrite.maths import factorize, permutation
+from fxrewrite.report.report import SiteRecord
 
 from .base import Built, ConvRewritePass, PassResult, conv_module, make_conv
 

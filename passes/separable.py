@@ -20,7 +20,7 @@ small maps (256 x 14x14), but not reliably for large maps in contiguous layout n
 ``direct`` keeps the replacement two plain Conv2d modules.
 
 >>> import torch
->>> from fxrewrite.capture import trace
+>>> from fxrewrite.graph.capture import trace
 >>> gm = trace(torch.nn.Conv2d(8, 16, 3, padding=1))
 >>> result = DepthwiseSeparable(rank="exact")(gm)
 >>> [type(m).__name__ for m in result.graph_module.conv]
@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fxrewrite import factorize
-from fxrewrite.sites import ConvSite, Reason, check_groups
+from fxrewrite.graph.sites import ConvSite, Reason, check_groups
+from fxrewrite.maths import factorize
 
 from .base import Built, ConvRewritePass, make_conv, sequential
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from fxrewrite.capture import trace
-from fxrewrite.factorize import one_thread as _one_torch_thread
-from fxrewrite.shapes import propagate_shapes
+from fxrewrite.graph.capture import trace
+from fxrewrite.graph.shapes import propagate_shapes
+from fxrewrite.maths.factorize import one_thread as _one_torch_thread
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fxrewrite
-from fxrewrite.cli import main
+from fxrewrite.frontends.cli import main
 
 
 def _model() -> nn.Module:

@@ -1,4 +1,4 @@
-"""Tests for fxrewrite.artifacts: atomic writes (under injected failures), the formats and their checks."""
+"""Tests for fxrewrite.io.artifacts: atomic writes (under injected failures), the formats and their checks."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 import fxrewrite
-from fxrewrite import artifacts
-from fxrewrite.artifacts import (
+from fxrewrite.errors import ConfigError, VerificationFailure
+from fxrewrite.io import artifacts
+from fxrewrite.io.artifacts import (
     ArtifactError,
     atomic_dir,
     atomic_path,
@@ -20,7 +21,6 @@ from fxrewrite.artifacts import (
     plan_path_for,
     save,
 )
-from fxrewrite.errors import ConfigError, VerificationFailure
 
 
 class Injected(RuntimeError):

@@ -8,7 +8,7 @@ from torch import nn
 
 from benchmarks.bench_fidelity import tensorly_factors
 from benchmarks.bench_realised_speed import _backends
-from fxrewrite.bottleneck_fit import compose
+from fxrewrite.maths.bottleneck_fit import compose
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""Bottleneck passes (depthwise-bottleneck, grouped-bottleneck) and their fits (fxrewrite.bottleneck_fit).
+"""Bottleneck passes (depthwise-bottleneck, grouped-bottleneck) and their fits (fxrewrite.maths.bottleneck_fit).
 
 Exactness at the exact rank through ``fxrewrite.rewrite`` (stride, dilation, padding strings and modes, bias, odd
 channels, grouped source convs), the precise Tucker-2 exactness condition, ALS never worse than its closed-form start
@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxrewrite
-from fxrewrite import bottleneck_fit as bf
-from fxrewrite.capture import trace
 from fxrewrite.errors import ConfigError
+from fxrewrite.graph.capture import trace
+from fxrewrite.graph.shapes import propagate_shapes
+from fxrewrite.maths import bottleneck_fit as bf
 from fxrewrite.passes import REGISTRY, PassManager
 from fxrewrite.passes.base import parse_pipeline
 from fxrewrite.passes.bottleneck import DepthwiseBottleneck, GroupedBottleneck
-from fxrewrite.shapes import propagate_shapes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -249,7 +249,7 @@ def test_error_falls_with_rank(groups: int | None) -> None:
 def test_fit_beats_the_separable_and_grouped_forms_at_equal_macs() -> None:
     """The issue's observation, on a decaying-spectrum weight: CP beats depthwise-separable multiplier 1 at equal
     MACs, and Tucker-2 at half the MACs beats the block-diagonal grouped conv with 2 groups."""
-    from fxrewrite import factorize
+    from fxrewrite.maths import factorize
     w = _decaying(32, 32, 3, 3, seed=4)
     o, i = 32, 32
     cp_rank = bf.rank_for_macs(i, o, 3, i * 9 + o * i, depthwise=True)

@@ -1,4 +1,4 @@
-"""fxrewrite.budget: targets met and never exceeded (checked with fxrewrite's own cost model on the rewritten graph),
+"""fxrewrite.budget.budget: targets met and never exceeded (checked with fxrewrite's own cost model on the rewritten graph),
 infeasible targets explained, the optimiser against brute force and against uniform-rank plans, predictions against
 what the passes report, and replay of a budgeted rewrite."""
 
@@ -15,13 +15,14 @@ import torchvision
 from torch import nn
 
 import fxrewrite
-from fxrewrite import budget, factorize
-from fxrewrite.budget import BudgetInfeasible, Target, choose_plan, optimise
-from fxrewrite.capture import trace
-from fxrewrite.cost import model_cost
+from fxrewrite.budget import budget
+from fxrewrite.budget.budget import BudgetInfeasible, Target, choose_plan, optimise
 from fxrewrite.errors import ConfigError
-from fxrewrite.replay import RewritePlan, apply_plan, plan_from_result
-from fxrewrite.shapes import propagate_shapes
+from fxrewrite.graph.capture import trace
+from fxrewrite.graph.shapes import propagate_shapes
+from fxrewrite.io.replay import RewritePlan, apply_plan, plan_from_result
+from fxrewrite.maths import factorize
+from fxrewrite.measure.cost import model_cost
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -378,7 +379,7 @@ def test_rewrite_and_cli_with_a_mac_target(tmp_path, capsys) -> None:
     import torchvision
 
     import fxrewrite
-    from fxrewrite.cli import main
+    from fxrewrite.frontends.cli import main
 
     model = torchvision.models.resnet18().eval()
     x = torch.randn(1, 3, 32, 32)

@@ -1,4 +1,4 @@
-"""Latency budgets (fxrewrite.layer_latency + choose_plan with Target(latency=...)) and calibration-based error
+"""Latency budgets (fxrewrite.budget.layer_latency + choose_plan with Target(latency=...)) and calibration-based error
 prediction: a deterministic injected timer checks the logic (pruning, target met on the measured sums, infeasibility,
 caches); one real measurement checks the mechanism end to end; calibration errors are checked against dense
 evaluation of the factorised weights and against the measured output error of the rewritten model."""
@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 import fxrewrite
-from fxrewrite import factorize
-from fxrewrite.budget import (
+from fxrewrite.budget.budget import (
     BudgetInfeasible,
     Target,
     choose_plan,
@@ -27,11 +26,18 @@ from fxrewrite.budget import (
     separable_output_errors,
     tucker2_output_errors,
 )
-from fxrewrite.capture import trace
+from fxrewrite.budget.layer_latency import (
+    LayerConfig,
+    LayerLatency,
+    build_module,
+    clear_memory_cache,
+    on_rank_grid,
+)
 from fxrewrite.errors import ConfigError
-from fxrewrite.latency import measure_latency
-from fxrewrite.layer_latency import LayerConfig, LayerLatency, build_module, clear_memory_cache, on_rank_grid
-from fxrewrite.shapes import propagate_shapes
+from fxrewrite.graph.capture import trace
+from fxrewrite.graph.shapes import propagate_shapes
+from fxrewrite.maths import factorize
+from fxrewrite.measure.latency import measure_latency
 
 
 @pytest.fixture(autouse=True)
@@ -245,7 +251,7 @@ def test_real_measurement_end_to_end(backend: str) -> None:
 
 
 def test_build_module_matches_the_configuration() -> None:
-    spec = fxrewrite.sites.ConvSpec(8, 16, (3, 3), (2, 2), (1, 1), (1, 1), 1, True)
+    spec = fxrewrite.graph.sites.ConvSpec(8, 16, (3, 3), (2, 2), (1, 1), (1, 1), 1, True)
     ref = LayerConfig((2, 8, 9, 9), spec, "float32")
     x = torch.randn(ref.input_shape)
     for cfg in (ref, ref.replace_form("grouped", {"groups": 4}), ref.replace_form("depthwise-separable", {"rank": 2}),
@@ -261,7 +267,7 @@ def test_build_module_matches_the_configuration() -> None:
 
 def _stats(conv: nn.Conv2d, batches: list[tuple[torch.Tensor]]) -> Any:
     gm = _traced(nn.Sequential(conv).eval(), batches[0][0])
-    (_, stats), = collect_site_stats(gm, fxrewrite.sites.find_sites(gm), batches)
+    (_, stats), = collect_site_stats(gm, fxrewrite.graph.sites.find_sites(gm), batches)
     return stats
 
 
@@ -370,7 +376,7 @@ def test_cli_target_latency(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
                             ) -> None:
     """`fxrewrite rewrite --target-latency` times the layers (disk cache from the environment), and with --latency
     the plan compares its predicted model latency with the measured one."""
-    from fxrewrite.cli import main
+    from fxrewrite.frontends.cli import main
     cache = tmp_path / "latency.json"
     monkeypatch.setenv("FXREWRITE_LATENCY_CACHE", str(cache))
     args = ["rewrite", "models:Plain", "--input-shape", "1,3,16,16", "--target-latency", "1.0", "--forms", "grouped",

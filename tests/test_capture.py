@@ -1,4 +1,4 @@
-"""Tests for fxrewrite.capture (and shape propagation): deep copies, semantics kept, and errors that name the user's
+"""Tests for fxrewrite.graph.capture (and shape propagation): deep copies, semantics kept, and errors that name the user's
 file:line, torch's message and the fix."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from models import CAPTURE, EXPECTED, UNTRACEABLE, ZOO, example_input, marker_li
 from torch import nn
 
 import fxrewrite
-from fxrewrite.capture import trace
 from fxrewrite.errors import ConfigError, FxRewriteError, TraceFailure
-from fxrewrite.shapes import propagate_shapes
-from fxrewrite.sites import find_sites
+from fxrewrite.graph.capture import trace
+from fxrewrite.graph.shapes import propagate_shapes
+from fxrewrite.graph.sites import find_sites
 
 MODELS_FILE = os.path.basename(models.__file__)
 THIS_FILE = os.path.basename(__file__)

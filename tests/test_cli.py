@@ -1,4 +1,4 @@
-"""Tests for the command line (fxrewrite.cli.main): output, --json, exit codes, model specs."""
+"""Tests for the command line (fxrewrite.frontends.cli.main): output, --json, exit codes, model specs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torchvision
 from torch import nn
 
-from fxrewrite.cli import EXIT_MODEL, EXIT_OK, EXIT_USAGE, main
+from fxrewrite.frontends.cli import EXIT_MODEL, EXIT_OK, EXIT_USAGE, main
 from fxrewrite.passes import REGISTRY
 
 
@@ -141,7 +141,7 @@ def test_python_dash_m_fxrewrite_passes() -> None:
 
 def test_rewrite_writes_every_artifact_and_verify_gates(tmp_path, capsys):
     """--output/--report write each format atomically; `verify` with a tight rtol exits 1 and writes nothing."""
-    from fxrewrite.cli import main
+    from fxrewrite.frontends.cli import main
 
     args = ["rewrite", "torchvision:resnet18", "--input-shape", "1,3,32,32", "--pass", "grouped{groups=4}",
             "--select", "layer4.*"]

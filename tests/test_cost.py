@@ -1,4 +1,4 @@
-"""Tests for fxrewrite.cost: hand-computed costs, ATen graphs, and agreement with FlopCounterMode.
+"""Tests for fxrewrite.measure.cost: hand-computed costs, ATen graphs, and agreement with FlopCounterMode.
 
 The torchvision zoo against fvcore and FlopCounterMode, before and after rewrites, is tests/test_cost_zoo.py (which
 imports the helpers below).
@@ -19,8 +19,8 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from fxrewrite import cost
-from fxrewrite.cost import KINDS, UNITS, ModelCost, NodeCost, conv_macs, model_cost, node_macs
+from fxrewrite.measure import cost
+from fxrewrite.measure.cost import KINDS, UNITS, ModelCost, NodeCost, conv_macs, model_cost, node_macs
 
 MAC_KINDS = ("conv", "linear", "matmul", "attention")
 

@@ -34,7 +34,7 @@ from test_cost import fcm_counts, fcm_macs, mac_total, traced
 from torch import nn
 
 import fxrewrite
-from fxrewrite.cost import model_cost
+from fxrewrite.measure.cost import model_cost
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the counted forwards are tiny: threads would only spin
 

@@ -1,4 +1,4 @@
-"""fxrewrite.digits: a short run of the demonstration (trained CNN > 90% test accuracy; at 2x fewer conv MACs the
+"""fxrewrite.demos.digits: a short run of the demonstration (trained CNN > 90% test accuracy; at 2x fewer conv MACs the
 repaired model is at least as accurate as the data-free rewrite), and the option choice against fxrewrite's own
 cost figures."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fxrewrite
-from fxrewrite import digits
+from fxrewrite.demos import digits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import fxrewrite
-from fxrewrite.distill import distill
 from fxrewrite.errors import ConfigError
+from fxrewrite.tuning.distill import distill
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

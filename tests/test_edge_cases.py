@@ -42,12 +42,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import fxrewrite
-from fxrewrite import artifacts
-from fxrewrite.capture import trace
 from fxrewrite.errors import ConfigError, FxRewriteError, TraceFailure
-from fxrewrite.partial import rewrite_partial
-from fxrewrite.select import Rule
-from fxrewrite.sites import hidden_convs
+from fxrewrite.frontends.partial import rewrite_partial
+from fxrewrite.graph.capture import trace
+from fxrewrite.graph.select import Rule
+from fxrewrite.graph.sites import hidden_convs
+from fxrewrite.io import artifacts
 
 EXACT = "depthwise-separable{rank=exact}"
 MODELS_FILE = os.path.basename(models.__file__)
@@ -298,7 +298,7 @@ def test_a_selector_that_matches_nothing(seeded: None) -> None:
 
 
 def test_two_rules_on_one_site(seeded: None) -> None:
-    """Precedence (fxrewrite.select): exact name > glob/regex > type > global; the later of equal rank wins."""
+    """Precedence (fxrewrite.graph.select): exact name > glob/regex > type > global; the later of equal rank wins."""
     model = models.Plain().eval()
     x = example_input(model)
     rules = [Rule("conv*", options={"rank": 1}), Rule("conv2", options={"rank": 2}), Rule(nn.Conv2d, skip=True),
@@ -585,7 +585,7 @@ def test_pass_level_configuration_errors_are_reported_with_the_others(seeded: No
 
 
 def test_a_failed_run_writes_nothing_and_exits_non_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from fxrewrite.cli import main
+    from fxrewrite.frontends.cli import main
     target = tmp_path / "model.pt2"
     argv = ["rewrite", "models:Residual", "--input-shape", "1,8,16,16", "--pass", "depthwise-separable{rank=1}",
             "--output", str(target)]

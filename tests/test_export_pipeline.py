@@ -13,9 +13,9 @@ from torch.fx.passes.infra.pass_base import PassResult as TorchPassResult
 from torch.fx.passes.infra.pass_manager import PassManager as TorchPassManager
 
 import fxrewrite
-from fxrewrite.artifacts import onnxruntime_outputs, save
-from fxrewrite.capture import trace
-from fxrewrite.exported import rewrite_exported
+from fxrewrite.frontends.exported import rewrite_exported
+from fxrewrite.graph.capture import trace
+from fxrewrite.io.artifacts import onnxruntime_outputs, save
 from fxrewrite.passes import DepthwiseSeparable
 
 #: ONNX (onnxruntime, CPU) vs eager PyTorch, float32: the largest |difference| accepted on these models' outputs

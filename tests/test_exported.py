@@ -1,4 +1,4 @@
-"""Tests for fxrewrite.exported: rewriting the ATen-level convolutions of a torch.export ExportedProgram."""
+"""Tests for fxrewrite.frontends.exported: rewriting the ATen-level convolutions of a torch.export ExportedProgram."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 
 import fxrewrite
 from fxrewrite.errors import ConfigError
-from fxrewrite.exported import rewrite_exported, to_conv_modules
+from fxrewrite.frontends.exported import rewrite_exported, to_conv_modules
 
 X64 = (1, 3, 64, 64)
 
@@ -88,8 +88,8 @@ def test_mobilenet_v2_program_decomposed_to_aten_convolution(mobilenet) -> None:
 
 def test_mobilenet_v2_grouped_program_replays_on_the_eager_model(mobilenet, tmp_path) -> None:
     pytest.importorskip("safetensors")
-    from fxrewrite.artifacts import save
-    from fxrewrite.replay import load_rewritten
+    from fxrewrite.io.artifacts import save
+    from fxrewrite.io.replay import load_rewritten
     model, x = mobilenet
     result = rewrite_exported(torch.export.export(model, (x,)), (x,), "grouped{groups=8}",
                               select="features.1[0-7].*", verify=False)

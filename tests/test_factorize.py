@@ -1,4 +1,4 @@
-"""Tests for fxrewrite.factorize (pure tensor maths)."""
+"""Tests for fxrewrite.maths.factorize (pure tensor maths)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fxrewrite import factorize
-from fxrewrite.factorize import (
+from fxrewrite.maths import factorize
+from fxrewrite.maths.factorize import (
     BlockDiagonal,
     SeparableFactors,
     block_diagonal,

@@ -1,4 +1,4 @@
-"""fxrewrite.latency: structure of the measurement (backends, medians, ratios, threads), never timing goals."""
+"""fxrewrite.measure.latency: structure of the measurement (backends, medians, ratios, threads), never timing goals."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from torch import nn
 
 import fxrewrite
 from fxrewrite.errors import ConfigError
-from fxrewrite.latency import measure_latency
-from fxrewrite.report_schema import validate
+from fxrewrite.measure.latency import measure_latency
+from fxrewrite.report.schema import validate
 
 
 def _pair() -> tuple[nn.Module, torch.fx.GraphModule, tuple[torch.Tensor]]:

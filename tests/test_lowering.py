@@ -11,11 +11,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxrewrite
-from fxrewrite.capture import trace
-from fxrewrite.cost import model_cost
+from fxrewrite.graph.capture import trace
+from fxrewrite.graph.shapes import propagate_shapes
+from fxrewrite.measure.cost import model_cost
 from fxrewrite.passes import DepthwiseSeparable, GroupedSeparable
 from fxrewrite.passes.separable import ChannelRepeat
-from fxrewrite.shapes import propagate_shapes
 
 CONFIGS = {
     "plain": dict(kernel_size=3, padding=1),
@@ -31,7 +31,7 @@ def _model(config: str, dtype: torch.dtype = torch.float32, groups: int = 1) -> 
     return nn.Sequential(nn.Conv2d(8, 12, groups=groups, **CONFIGS[config]), nn.ReLU()).to(dtype).eval()
 
 
-def _rewrite(model: nn.Module, x: torch.Tensor, p: fxrewrite.passes.Pass) -> fxrewrite.api.RewriteResult:
+def _rewrite(model: nn.Module, x: torch.Tensor, p: fxrewrite.passes.Pass) -> fxrewrite.frontends.api.RewriteResult:
     return fxrewrite.rewrite(model, (x,), passes=[p], verify=False)
 
 

@@ -1,4 +1,4 @@
-"""Model specs beyond torchvision and factories, through the CLI (``fxrewrite.cli.main``): ``timm:NAME``, ``.pt2``
+"""Model specs beyond torchvision and factories, through the CLI (``fxrewrite.frontends.cli.main``): ``timm:NAME``, ``.pt2``
 programs, state_dict / safetensors files with ``--arch``, and the refusal of full pickles without ``--unsafe-load``."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import fxrewrite
-from fxrewrite.cli import EXIT_MODEL, EXIT_OK, EXIT_USAGE, main
-from fxrewrite.models import pickled_classes, resolve_model
+from fxrewrite.frontends.cli import EXIT_MODEL, EXIT_OK, EXIT_USAGE, main
+from fxrewrite.frontends.models import pickled_classes, resolve_model
 
 EXACT = "depthwise-separable{rank=exact}"
 TOL = {"atol": 1e-4, "rtol": 1e-4}

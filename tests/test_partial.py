@@ -1,4 +1,4 @@
-"""Tests for fxrewrite.partial: rewriting inside the largest traceable submodules of models that do not trace as a
+"""Tests for fxrewrite.frontends.partial: rewriting inside the largest traceable submodules of models that do not trace as a
 whole (lists of images, data-dependent control flow), with the rest left eager and reported."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 import fxrewrite
 from fxrewrite.errors import ConfigError, ModelLoadError, TraceFailure
-from fxrewrite.models import example_inputs, is_image_list_model, load_model
-from fxrewrite.partial import LeftAlone, rewrite_partial
-from fxrewrite.select import Rule
+from fxrewrite.frontends.models import example_inputs, is_image_list_model, load_model
+from fxrewrite.frontends.partial import LeftAlone, rewrite_partial
+from fxrewrite.graph.select import Rule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -318,7 +318,7 @@ def test_rewrite_with_partial_true(seeded: None) -> None:
 def test_cli_partial_flag(capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from fxrewrite.cli import main
+    from fxrewrite.frontends.cli import main
     kwargs = '{"min_size": 96, "max_size": 96, "rpn_pre_nms_top_n_test": 20, "rpn_post_nms_top_n_test": 10}'
     code = main(["plan", "torchvision.detection:fasterrcnn_mobilenet_v3_large_320_fpn", "--partial",
                  "--model-kwargs", kwargs, "--input-shape", "1,3,96,96", "--pass", EXACT, "--json"])

@@ -12,10 +12,11 @@ from torch.fx.passes.infra.pass_manager import PassManager as TorchPassManager
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxrewrite
-from fxrewrite import factorize
-from fxrewrite.capture import trace
-from fxrewrite.cost import model_cost
 from fxrewrite.errors import ConfigError, PassFailure
+from fxrewrite.graph.capture import trace
+from fxrewrite.graph.shapes import propagate_shapes
+from fxrewrite.maths import factorize
+from fxrewrite.measure.cost import model_cost
 from fxrewrite.passes import (
     ChannelShuffle,
     DepthwiseSeparable,
@@ -25,7 +26,6 @@ from fxrewrite.passes import (
     channel_shuffle,
     parse_pipeline,
 )
-from fxrewrite.shapes import propagate_shapes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""Tests for fxrewrite.patterns: node predicates, multi-node patterns, failures with reasons, purity."""
+"""Tests for fxrewrite.graph.patterns: node predicates, multi-node patterns, failures with reasons, purity."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxrewrite.capture import trace
 from fxrewrite.errors import ConfigError
-from fxrewrite.patterns import CONV2D_FUNCTION, CONV2D_MODULE, Match, MatchFailure, NodePattern, Pattern
+from fxrewrite.graph.capture import trace
+from fxrewrite.graph.patterns import CONV2D_FUNCTION, CONV2D_MODULE, Match, MatchFailure, NodePattern, Pattern
 
 CONV = NodePattern("conv", op="call_module", module_type=nn.Conv2d)
 BN = NodePattern("bn", op="call_module", module_type=nn.BatchNorm2d)

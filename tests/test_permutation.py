@@ -1,5 +1,5 @@
-"""Channel permutations for the grouped rewrite: the grouping search (fxrewrite.permutation), the channel-coupling
-graph (fxrewrite.channel_coupling), folding permutations into layers (rewriter.permute_channels) and
+"""Channel permutations for the grouped rewrite: the grouping search (fxrewrite.maths.permutation), the channel-coupling
+graph (fxrewrite.graph.coupling), folding permutations into layers (rewriter.permute_channels) and
 ``grouped{permute=true}`` end to end."""
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import torchvision
 from torch import nn
 
 import fxrewrite
-from fxrewrite import factorize
-from fxrewrite.capture import trace
-from fxrewrite.channel_coupling import channel_coupling
 from fxrewrite.errors import ConfigError
-from fxrewrite.passes import Grouped, parse_pipeline
-from fxrewrite.permutation import (
+from fxrewrite.graph.capture import trace
+from fxrewrite.graph.coupling import channel_coupling
+from fxrewrite.graph.rewriter import permute_channels
+from fxrewrite.graph.select import Rule
+from fxrewrite.graph.shapes import propagate_shapes
+from fxrewrite.maths import factorize
+from fxrewrite.maths.permutation import (
     Space,
     Term,
     assignment_permutation,
@@ -29,9 +31,7 @@ from fxrewrite.permutation import (
     natural_assignment,
     search,
 )
-from fxrewrite.rewriter import permute_channels
-from fxrewrite.select import Rule
-from fxrewrite.shapes import propagate_shapes
+from fxrewrite.passes import Grouped, parse_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -440,8 +440,8 @@ def test_torchvision_models(name: str) -> None:
 def test_doctests_of_the_new_modules() -> None:
     import doctest
 
-    from fxrewrite import channel_coupling as cc_module
-    from fxrewrite import permutation as perm_module
+    from fxrewrite.graph import coupling as cc_module
+    from fxrewrite.maths import permutation as perm_module
     for module in (perm_module, cc_module):
         assert doctest.testmod(module).failed == 0
 
@@ -459,7 +459,7 @@ def _module_roles(gm: torch.fx.GraphModule, x: torch.Tensor) -> list[tuple[objec
 
 @pytest.mark.parametrize(("name", "decomposed"), [("resnet18", False), ("mobilenet_v2", True)])
 def test_coupling_of_an_exported_program_equals_the_traced_models(name: str, decomposed: bool) -> None:
-    from fxrewrite.models import exported_graph_module
+    from fxrewrite.frontends.models import exported_graph_module
     model, x = getattr(torchvision.models, name)().eval(), torch.randn(1, 3, 64, 64)
     ep = torch.export.export(model, (x,))
     program = exported_graph_module(ep.run_decompositions() if decomposed else ep)
@@ -475,7 +475,7 @@ def test_coupling_of_an_exported_program_equals_the_traced_models(name: str, dec
 
 @pytest.mark.parametrize(("name", "decomposed"), [("resnet18", True), ("mobilenet_v2", False)])
 def test_grouped_permute_on_an_exported_program_folds_like_the_eager_model(name: str, decomposed: bool) -> None:
-    from fxrewrite.replay import apply_plan, plan_from_result
+    from fxrewrite.io.replay import apply_plan, plan_from_result
     model = torchvision_model(name)
     x = torch.randn(1, 3, 64, 64)
     ep = torch.export.export(model, (x,))

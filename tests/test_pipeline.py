@@ -12,8 +12,10 @@ from models import example_input
 from torch import nn
 from torch.fx.passes.infra.pass_manager import PassManager as TorchPassManager
 
-from fxrewrite.capture import trace
 from fxrewrite.errors import ConfigError, PassFailure
+from fxrewrite.graph.capture import trace
+from fxrewrite.graph.shapes import propagate_shapes
+from fxrewrite.graph.sites import ConvSite, find_sites
 from fxrewrite.passes import (
     REGISTRY,
     ChannelShuffle,
@@ -25,9 +27,7 @@ from fxrewrite.passes import (
     parse_pipeline,
 )
 from fxrewrite.passes.base import Built, ConvRewritePass
-from fxrewrite.report import SiteRecord
-from fxrewrite.shapes import propagate_shapes
-from fxrewrite.sites import ConvSite, find_sites
+from fxrewrite.report.report import SiteRecord
 
 
 def test_pipeline_string_parses_into_typed_pass_objects() -> None:

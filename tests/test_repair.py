@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxrewrite
 from fxrewrite.errors import ConfigError
-from fxrewrite.repair import im2col, load_calibration, repair
+from fxrewrite.tuning.repair import im2col, load_calibration, repair
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""Tests for fxrewrite.replay: plans that rebuild a rewritten architecture on a fresh model, then load its weights."""
+"""Tests for fxrewrite.io.replay: plans that rebuild a rewritten architecture on a fresh model, then load its weights."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from torch import nn
 
 import fxrewrite
 from fxrewrite.errors import ConfigError
-from fxrewrite.replay import PlanEntry, PlanMismatch, RewritePlan, apply_plan, load_rewritten, plan_from_result
-from fxrewrite.select import Rule
+from fxrewrite.graph.select import Rule
+from fxrewrite.io.replay import PlanEntry, PlanMismatch, RewritePlan, apply_plan, load_rewritten, plan_from_result
 
 
 class Tiny(nn.Module):
@@ -129,7 +129,7 @@ def test_plan_that_does_not_fit_the_model_names_the_site() -> None:
 
 def test_resnet18_safetensors_and_plan_round_trip(tmp_path) -> None:
     pytest.importorskip("safetensors")
-    from fxrewrite.artifacts import save
+    from fxrewrite.io.artifacts import save
     torch.manual_seed(0)
     x = torch.randn(1, 3, 64, 64)
     # layer1 only: keeps the SVDs small; the rest of the network is saved and reloaded unchanged

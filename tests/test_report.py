@@ -1,4 +1,4 @@
-"""fxrewrite.report: the table layout (golden file), Markdown, and the JSON document against its schema.
+"""fxrewrite.report.report: the table layout (golden file), Markdown, and the JSON document against its schema.
 
 The golden model has small-integer weights and inputs, so every convolution is exact in float32 whatever the BLAS
 or summation order, and the pinned figures are the same on every machine. To regenerate the golden file after an
@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 import fxrewrite
-from fxrewrite.report import SCHEMA_VERSION, CostComparison, Report, SiteRecord
-from fxrewrite.report_schema import REPORT_SCHEMA, SchemaError, check_report, validate
+from fxrewrite.report.report import SCHEMA_VERSION, CostComparison, Report, SiteRecord
+from fxrewrite.report.schema import REPORT_SCHEMA, SchemaError, check_report, validate
 
 GOLDEN = Path(__file__).parent / "golden" / "report_table.txt"
 
@@ -89,7 +89,7 @@ def test_json_follows_the_schema_and_states_versions_units_inputs_and_passes(gol
     doc = json.loads(golden.report.to_json())
     assert validate(doc) == []
     check_report(doc)
-    assert (doc["schema"], doc["schema_version"]) == ("fxrewrite.report", SCHEMA_VERSION)
+    assert (doc["schema"], doc["schema_version"]) == ("fxrewrite.report.report", SCHEMA_VERSION)
     assert doc["fxrewrite_version"] == fxrewrite.__version__ and doc["torch_version"] == torch.__version__
     assert doc["input_shapes"] == [[1, 3, 8, 8]] and doc["passes"] == ["grouped{groups=2, init=block}"]
     assert {"macs", "flops", "params", "rel_l2", "latency"} <= set(doc["units"])

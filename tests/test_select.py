@@ -1,4 +1,4 @@
-"""Tests for fxrewrite.select: rule forms, precedence, min_channels, skip rules and unmatched-rule errors."""
+"""Tests for fxrewrite.graph.select: rule forms, precedence, min_channels, skip rules and unmatched-rule errors."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from fxrewrite.capture import trace
 from fxrewrite.errors import ConfigError
-from fxrewrite.select import Rule, parse_rules, resolve
-from fxrewrite.shapes import propagate_shapes
-from fxrewrite.sites import ConvSite, find_sites
+from fxrewrite.graph.capture import trace
+from fxrewrite.graph.select import Rule, parse_rules, resolve
+from fxrewrite.graph.shapes import propagate_shapes
+from fxrewrite.graph.sites import ConvSite, find_sites
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for fxrewrite.sites: which convolutions are sites, their specs, shapes and eligibility reason codes."""
+"""Tests for fxrewrite.graph.sites: which convolutions are sites, their specs, shapes and eligibility reason codes."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from models import CAPTURE, EXPECTED, ZOO, example_input
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fxrewrite.capture import trace
-from fxrewrite.shapes import propagate_shapes
-from fxrewrite.sites import (
+from fxrewrite.graph.capture import trace
+from fxrewrite.graph.shapes import propagate_shapes
+from fxrewrite.graph.sites import (
     DROP_HOOKS_KEY,
     REWRITE_KINDS,
     ConvSpec,

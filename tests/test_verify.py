@@ -16,7 +16,7 @@ from torch import nn
 
 import fxrewrite
 from fxrewrite.errors import ConfigError, VerificationFailure
-from fxrewrite.verify import FLOAT_LEVEL, cli_exit_code, error_stats, site_groups
+from fxrewrite.verification.verify import FLOAT_LEVEL, cli_exit_code, error_stats, site_groups
 
 
 def _stats(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
@@ -342,7 +342,7 @@ def test_numerics_false_and_fake_inputs_skip_numerics_with_a_reason(seeded: None
     new = _rewrite(model, x, "depthwise-separable{rank=1}")
     off = fxrewrite.verify(model, new, (x,), numerics=False)
     assert not off.numerics_checked and off.numerics_reason == "numerics=False was passed" and off.batches == 0
-    from fxrewrite.shapes import fake_mode
+    from fxrewrite.graph.shapes import fake_mode
     fake = fake_mode().from_tensor(x)
     v = fxrewrite.verify(model, new, (fake,))
     assert not v.numerics_checked and "FakeTensors" in v.numerics_reason and v.ok

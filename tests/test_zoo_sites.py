@@ -16,9 +16,9 @@ from torch import nn
 from torchvision.models.regnet import BlockParams
 
 import fxrewrite
-from fxrewrite.capture import trace
-from fxrewrite.shapes import propagate_shapes
-from fxrewrite.sites import find_sites
+from fxrewrite.graph.capture import trace
+from fxrewrite.graph.shapes import propagate_shapes
+from fxrewrite.graph.sites import find_sites
 
 pytestmark = pytest.mark.slow
 

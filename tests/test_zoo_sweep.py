@@ -49,10 +49,10 @@ from test_zoo_rewrite import FAMILIES
 from torch import nn
 
 import fxrewrite
-from fxrewrite.capture import trace
-from fxrewrite.models import torchvision_names
+from fxrewrite.frontends.models import torchvision_names
+from fxrewrite.graph.capture import trace
+from fxrewrite.graph.sites import find_sites
 from fxrewrite.passes import PassManager, parse_pipeline
-from fxrewrite.sites import find_sites
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -168,7 +168,7 @@ NUMERIC_SUBSET = (
 )
 
 #: (model, pass kind) pairs whose numeric check is expected to fail, with the reason; those in NUMERIC_SUBSET are
-#: asserted here to fail exactly as stated (``fxrewrite.verify`` reports a failure while the outputs match the
+#: asserted here to fail exactly as stated (``fxrewrite.verification.verify`` reports a failure while the outputs match the
 #: original), the others by benchmarks/zoo_sweep_table.py. None today: the last entries (every model with a
 #: ReLU(inplace=True) right after a conv, whose recorded site outputs the verifier did not clone) were fixed in
 #: fxrewrite/verify.py.
@@ -270,7 +270,7 @@ def _structure_pass(gm0: torch.fx.GraphModule, kind: str) -> PassOutcome:
 
 class _MetaShapes(torch.fx.Interpreter):
     """Runs a meta-device GraphModule and keeps each node's (meta) value as ``meta["val"]``: the shapes that
-    ``fxrewrite.shapes.propagate_shapes`` would record, at a fraction of a FakeTensor propagation's cost."""
+    ``fxrewrite.graph.shapes.propagate_shapes`` would record, at a fraction of a FakeTensor propagation's cost."""
 
     def run_node(self, n: torch.fx.Node) -> Any:
         result = super().run_node(n)

@@ -1,0 +1,1 @@
+"""Demonstrations that train a model and rewrite it (``python -m fxrewrite.demos.digits``)."""

@@ -1,0 +1,289 @@
+"""Capture: ``nn.Module`` -> ``torch.fx.GraphModule`` of a deep copy, with errors that point at the user's code.
+
+Every ``nn.Conv2d`` (and any subclass of it) is kept as a leaf ``call_module`` node, so a subclass with its own
+forward (timm's ``Conv2dSame``, ``StdConv2d``, parametrized convs) is visible as one site with a reason, never
+silently traced through and treated as a plain convolution.
+
+>>> import torch
+>>> from fxrewrite.graph.capture import trace
+>>> gm = trace(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()))
+>>> [n.op for n in gm.graph.nodes]
+['placeholder', 'call_module', 'call_module', 'output']
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import inspect
+import linecache
+import os
+import re
+import traceback
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxrewrite.errors import ConfigError, TraceFailure
+
+# Trailing separators: "site-packages/torch" must not swallow "site-packages/torchvision" (a model library whose
+# frames are the ones to show).
+_TORCH_DIR = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "")
+_OWN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
+_FLAG_TYPES = (bool, int, float, str, type(None))
+_FLAG_ANNOTATIONS = frozenset({"bool", "int", "float", "str", "Optional[bool]", "bool | None", "Optional[str]",
+                               "str | None", "Optional[int]", "int | None"})
+
+LeafSpec = str | type[nn.Module]
+
+
+class _Tracer(torch.fx.Tracer):
+    """A tracer whose leaves are torch's own modules, every Conv2d (subclasses too) and the user's leaves."""
+
+    def __init__(self, leaf_names: frozenset[str], leaf_types: tuple[type, ...],
+                 autowrap_functions: tuple[Callable[..., Any], ...]) -> None:
+        super().__init__(autowrap_functions=autowrap_functions)
+        self._leaf_names = leaf_names
+        self._leaf_types = leaf_types
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, nn.Conv2d) or module_qualified_name in self._leaf_names:
+            return True
+        if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _check_traceable_type(model: object) -> None:
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TraceFailure(
+            f"{type(model).__name__} is a TorchScript module; torch.fx cannot trace it. Pass the original Python "
+            "nn.Module (before torch.jit.script/trace) instead.")
+    if isinstance(model, torch.export.ExportedProgram):
+        raise TraceFailure(
+            "got a torch.export.ExportedProgram; fxrewrite.trace captures eager nn.Modules. Pass the nn.Module you "
+            "exported, or call ep.module() to get a GraphModule.")
+    if not isinstance(model, nn.Module):
+        hint = (" Wrap the function in an nn.Module whose forward calls it." if callable(model) else "")
+        raise TraceFailure(f"expected a torch.nn.Module, got {type(model).__name__}.{hint}")
+
+
+def _forward_parameters(model: nn.Module) -> list[inspect.Parameter] | None:
+    """The forward's parameters (without ``self``), or None when the signature cannot be read."""
+    try:
+        return list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_options(model: nn.Module, concrete_args: Mapping[str, Any] | None, leaf_specs: list[object]) -> None:
+    """Every capture option must name something that exists; all problems are reported together."""
+    problems = []
+    bad_specs = [s for s in leaf_specs if not isinstance(s, str) and not (isinstance(s, type)
+                                                                            and issubclass(s, nn.Module))]
+    if bad_specs:
+        problems.append(f"leaf_modules entries must be qualified names or nn.Module types, got {bad_specs!r}")
+    known = [name for name, _ in model.named_modules() if name]
+    for name in sorted(s for s in leaf_specs if isinstance(s, str) and s not in known):
+        close = difflib.get_close_matches(name, known, n=3)
+        problems.append(f"leaf_modules: {name!r} names no submodule (closest: {', '.join(close) or 'none'})")
+    params = _forward_parameters(model)
+    if concrete_args and params is not None and not any(p.kind is p.VAR_KEYWORD for p in params):
+        names = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        problems += [f"concrete_args: {k!r} is not an argument of {type(model).__name__}.forward; arguments: "
+                     f"{', '.join(names) or 'none'}" for k in concrete_args if k not in names]
+    if problems:
+        raise ConfigError("invalid capture options: " + "; ".join(problems))
+
+
+def trace(model: nn.Module, *, concrete_args: Mapping[str, Any] | None = None,
+          leaf_modules: Iterable[LeafSpec] = (),
+          autowrap_functions: Iterable[Callable[..., Any]] = ()) -> torch.fx.GraphModule:
+    """Trace a deep copy of ``model`` into a GraphModule; the user's model is never mutated.
+
+    ``concrete_args`` fixes non-tensor forward arguments (flags); ``leaf_modules`` (qualified names or module types)
+    are kept as opaque calls (their inner convolutions are then not visible); ``autowrap_functions`` are recorded as
+    calls instead of being traced (``len``-using helpers). An existing GraphModule is deep-copied as is.
+
+    >>> import torch
+    >>> gm = trace(torch.nn.Conv2d(3, 8, 3))
+    >>> gm.graph.find_nodes(op="call_module")[0].target
+    'conv'
+    """
+    _check_traceable_type(model)
+    try:
+        copied = copy.deepcopy(model)
+    except Exception as exc:
+        raise TraceFailure(
+            f"cannot deep-copy {type(model).__name__} ({type(exc).__name__}: {exc}); fxrewrite never edits the "
+            "user's model, so it needs a copy. Old-style torch.nn.utils.weight_norm / spectral_norm hooks are a "
+            "common cause: use torch.nn.utils.parametrizations instead.") from exc
+    if isinstance(copied, torch.fx.GraphModule):
+        return copied
+    leaf_specs = list(leaf_modules)
+    _check_options(copied, concrete_args, leaf_specs)
+    leaf_names = frozenset(s for s in leaf_specs if isinstance(s, str))
+    leaf_types = tuple(s for s in leaf_specs if isinstance(s, type))
+    # A model that is itself a Conv2d is one call of a real submodule, so it is a site like any other.
+    if isinstance(copied, nn.Conv2d):
+        return _wrap_single_conv(copied)
+    tracer = _Tracer(leaf_names, leaf_types, tuple(autowrap_functions))
+    try:
+        graph = tracer.trace(copied, concrete_args=dict(concrete_args) if concrete_args else None)
+    except Exception as exc:  # torch raises TraceError, RuntimeError, TypeError... all mean "not traceable"
+        raise TraceFailure(_explain(exc, copied)) from exc
+    gm = torch.fx.GraphModule(tracer.root, graph, copied.__class__.__name__)
+    if concrete_args:
+        _default_concrete_placeholders(gm, concrete_args)
+    return gm
+
+
+def _default_concrete_placeholders(gm: torch.fx.GraphModule, concrete_args: Mapping[str, Any]) -> None:
+    """Make each specialised argument default to the value it was specialised to.
+
+    torch.fx keeps a placeholder for a concrete argument, with the *signature's* default, and asserts that the
+    value passed equals the concrete one: ``forward(x, flag=True)`` traced with ``flag=False`` would fail when called
+    as ``gm(x)``. The default becomes the concrete value, so ``gm(x)`` runs the specialised graph (and passing
+    another value still trips torch's assertion). Skipped where a later placeholder has no default (Python forbids
+    it); such a module needs the argument passed explicitly. torch.fx also renames the argument (``flag_1``); a
+    plain flag gets its own name back, so ``gm(x, flag=False)`` works wherever the original was called that way.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    changed = False
+    for name, value in concrete_args.items():
+        leaves = torch.utils._pytree.tree_leaves(value)
+        for i, leaf in enumerate(leaves, start=1):
+            if isinstance(leaf, torch.fx._symbolic_trace.PHBase | torch.Tensor) or not isinstance(leaf, _FLAG_TYPES):
+                continue
+            node = next((n for n in placeholders if n.target == f"{name}_{i}"), None)
+            if node is None:
+                continue
+            if len(leaves) == 1 and leaves[0] is value and not any(n.target == name for n in placeholders):
+                node.target = name
+                changed = True
+            later = placeholders[placeholders.index(node) + 1:]
+            if all(n.args for n in later):
+                node.args = (leaf,)
+                changed = True
+    if changed:
+        gm.recompile()
+
+
+def _wrap_single_conv(conv: nn.Conv2d) -> torch.fx.GraphModule:
+    holder = nn.Module()
+    holder.add_module("conv", conv)
+    graph = torch.fx.Graph()
+    x = graph.placeholder("input")
+    graph.output(graph.call_module("conv", (x,)))
+    return torch.fx.GraphModule(holder, graph, type(conv).__name__)
+
+
+def _is_user_file(filename: str) -> bool:
+    path = os.path.abspath(filename)
+    return not path.startswith((_TORCH_DIR, _OWN_DIR)) and "<" not in filename
+
+
+def _user_frames(exc: BaseException) -> list[tuple[traceback.FrameSummary, Any]]:
+    """(summary, frame) of every traceback frame in the user's code (not torch's, not fxrewrite's), outermost first."""
+    out = []
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if _is_user_file(code.co_filename):
+            line = linecache.getline(code.co_filename, tb.tb_lineno).strip()
+            summary = traceback.FrameSummary(code.co_filename, tb.tb_lineno, code.co_name, line=line)
+            out.append((summary, tb.tb_frame))
+        tb = tb.tb_next
+    return out
+
+
+def _owner(exc: BaseException, model: nn.Module) -> tuple[str, nn.Module] | None:
+    """Qualified name and module of the innermost submodule of ``model`` whose code is on the failing stack.
+
+    Torch's frames count too: a user's ``BatchNorm2d`` subclass fails inside torch's batchnorm.py, and that module is
+    the one to make a leaf.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        candidate = tb.tb_frame.f_locals.get("self")
+        if isinstance(candidate, nn.Module) and id(candidate) in names:
+            found = (names[id(candidate)], candidate)
+        tb = tb.tb_next
+    return found
+
+
+def _flag_candidates(module: nn.Module) -> list[str]:
+    """Forward parameters after the first that look like Python flags (a plain default or a plain annotation)."""
+    params = _forward_parameters(module) or []
+    out = []
+    for p in params[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        annotation = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
+        plain_default = p.default is not p.empty and isinstance(p.default, _FLAG_TYPES)
+        if plain_default or annotation in _FLAG_ANNOTATIONS or (p.default is p.empty and "Tensor" not in annotation):
+            out.append(p.name)
+    return out
+
+
+def _mentions(code_line: str, names: Iterable[str]) -> list[str]:
+    return [n for n in names if re.search(rf"\b{re.escape(n)}\b", code_line)]
+
+
+def _explain(exc: BaseException, model: nn.Module) -> str:
+    """The TraceFailure text: where in the user's code, what torch said, and the fix that applies."""
+    frames = _user_frames(exc)
+    frame = frames[-1][0] if frames else None
+    owner = _owner(exc, model)
+    owner_name = owner[0] if owner else None
+    where = "(no frame of the model's own code is on the stack)"
+    if owner_name:
+        where = (f"in submodule {owner_name!r} ({type(owner[1]).__name__}, torch's code: no frame of the model's "
+                 "own code is on the stack)")
+    code_line = ""
+    if frame is not None:
+        code_line = frame.line or ""
+        where = f"at {frame.filename}:{frame.lineno} in {frame.name}(): `{code_line}`"
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = message.lower()
+    in_submodule = bool(owner_name)
+    func = frame.name if frame is not None else ""
+    if "'len'" in text or ("len" in text and "len(" in code_line):
+        in_helper = bool(frames) and not isinstance(frames[-1][1].f_locals.get("self"), nn.Module)
+        if in_helper and func.isidentifier():
+            fix = (f"`len()` of a traced value inside the helper {func}(): pass autowrap_functions=[{func}] (or "
+                   f"decorate {func} with @torch.fx.wrap at module level) so it is recorded as one call")
+        else:
+            fix = ("`len()` of a traced value: use x.shape[0] / x.size(0) instead (shapes trace), or move the "
+                   "len() call into a module-level helper and pass it in autowrap_functions=[helper] (or decorate "
+                   "it with @torch.fx.wrap)")
+        if in_submodule:
+            fix += f", or keep submodule {owner_name!r} opaque with leaf_modules=[{owner_name!r}]"
+        fix += "."
+    elif "control flow" in text or "iterated" in text or "bool" in text:
+        flags = _mentions(code_line, _flag_candidates(owner[1])) if owner is not None else []
+        root_flags = _flag_candidates(model)
+        if flags and not in_submodule:
+            fix = ("the branch depends on the forward argument(s) " + ", ".join(flags) + ": fix them with "
+                   "concrete_args={" + ", ".join(f"{f!r}: <value>" for f in flags) + "}.")
+        elif in_submodule:
+            fix = (f"data-dependent control flow inside submodule {owner_name!r}: keep it opaque with "
+                   f"leaf_modules=[{owner_name!r}] (its convolutions are then not rewritten)")
+            if root_flags:
+                fix += f"; if the branch follows a forward argument, fix it with concrete_args (one of {root_flags})"
+            fix += "."
+        else:
+            fix = ("data-dependent control flow in the model's own forward: rewrite the branch with torch.where, "
+                   "or move it into a submodule and pass that submodule in leaf_modules=[...]")
+            if root_flags:
+                fix += f"; if the branch follows a forward argument, fix it with concrete_args (one of {root_flags})"
+            fix += "."
+    else:
+        fix = ("if a submodule cannot be traced, pass leaf_modules=[its qualified name]"
+               + (f" (the failing code is in {owner_name!r})" if in_submodule else "")
+               + "; fix flag arguments with concrete_args={...}; wrap helper functions with torch.fx.wrap.")
+    return f"torch.fx could not trace {type(model).__name__} {where}\n  torch says: {message}\n  fix: {fix}"

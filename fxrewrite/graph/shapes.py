@@ -1,0 +1,209 @@
+"""Shape propagation: one pass of FakeTensors through a GraphModule, results in ``node.meta["val"]``.
+
+No real compute and no allocation: parameters are converted to fake tensors, so a model on the meta device or one
+too big to run (regnet_y_128gf) propagates in seconds. Shape-preserving modules (batch/layer norm, activations,
+dropout) take a shortcut: their output is ``empty_like`` their input, which skips fake batch norm's slow
+decomposition.
+
+>>> import torch
+>>> from fxrewrite.graph.capture import trace
+>>> gm = trace(torch.nn.Conv2d(3, 8, 3, stride=2))
+>>> propagate_shapes(gm, (torch.randn(1, 3, 32, 32),))
+>>> tuple(list(gm.graph.nodes)[1].meta["val"].shape)
+(1, 8, 15, 15)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensorMode,
+)
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from fxrewrite.errors import ConfigError
+
+
+def fake_mode() -> FakeTensorMode:
+    """The fake mode fxrewrite propagates in (real tensors such as parameters are converted on the fly)."""
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+_DATA_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException, GuardOnDataDependentSymNode)
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Set ``node.meta["val"]`` on every node from one FakeTensor propagation of ``example_inputs``.
+
+    Only when a node needs the *values* of its inputs (a leaf module with data-dependent control flow, kept opaque
+    with ``leaf_modules``) does it fall back to one real forward of ``example_inputs`` under ``torch.no_grad`` (with a
+    warning). Buffers a training-mode forward updates (batch-norm statistics and counters) are restored afterwards, so
+    ``gm``'s state is unchanged. Raises ``ConfigError`` naming the node where propagation stopped.
+    """
+    if not isinstance(example_inputs, tuple | list):
+        raise ConfigError(
+            f"example_inputs must be a tuple of positional inputs (as for torch.export), got "
+            f"{type(example_inputs).__name__}; wrap a single tensor as (x,).")
+    for node in gm.graph.nodes:
+        node.meta.pop("val", None)  # a stale value would hide where a new propagation stopped
+    saved = _save_buffers(gm)
+    try:
+        _propagate(gm, example_inputs)
+    finally:
+        _restore_buffers(gm, saved)
+
+
+def _save_buffers(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Copies of the buffers a forward may update in place (batch-norm statistics, spectral-norm vectors)."""
+    return {name: b.detach().clone() for name, b in gm.named_buffers() if b.device.type != "meta"}
+
+
+def _restore_buffers(gm: torch.fx.GraphModule, saved: dict[str, torch.Tensor]) -> None:
+    # Even a fake propagation updates some real buffers in training mode (batch norm's num_batches_tracked += 1).
+    with torch.no_grad():
+        for name, b in gm.named_buffers():
+            if name in saved and not torch.equal(b, saved[name]):
+                b.copy_(saved[name])
+
+
+# Modules whose output has their input's shape, dtype, device and strides. Fake batch norm runs through slow
+# decompositions (most of the propagation time of a ResNet or DenseNet), so these take a shortcut.
+_SHAPE_PRESERVING = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.ReLU, nn.ReLU6, nn.SiLU,
+                     nn.Hardswish, nn.Hardsigmoid, nn.GELU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish,
+                     nn.Identity, nn.Dropout, nn.Dropout2d)
+
+
+def _preserves_shape(module: nn.Module, x: torch.Tensor) -> bool:
+    if type(module) not in _SHAPE_PRESERVING or module._forward_hooks or module._forward_pre_hooks:
+        return False
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        dims = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}[type(module)]
+        return x.dim() in dims and x.shape[1] == module.num_features
+    if isinstance(module, nn.LayerNorm):
+        n = len(module.normalized_shape)
+        return x.dim() >= n and tuple(x.shape[-n:]) == tuple(module.normalized_shape)
+    return True
+
+
+class _FakeProp(FakeTensorProp):
+    """FakeTensorProp with a shortcut for shape-preserving modules (their output is ``empty_like`` the input)."""
+
+    def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        module = self.fetch_attr(str(target))
+        no_global_hooks = not (torch.nn.modules.module._global_forward_hooks
+                               or torch.nn.modules.module._global_forward_pre_hooks)
+        if (len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and no_global_hooks
+                and _preserves_shape(module, args[0])):
+            return torch.empty_like(args[0])
+        return super().call_module(target, args, kwargs)
+
+
+def _propagate(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    mode = fake_mode()
+    fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+    try:
+        _FakeProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
+        return
+    except Exception as exc:
+        node = _failing_node(gm)
+        error = exc
+    where = f" at node {node}" if node else ""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+    if _is_data_dependent(error):
+        real = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+        if all(x.device.type != "meta" for x in real) and not _has_meta_state(gm):
+            warnings.warn(f"fxrewrite: shape propagation{where} needs real values (data-dependent control flow, "
+                          "e.g. in a leaf module); running the model once on example_inputs instead.", stacklevel=2)
+            _propagate_real(gm, example_inputs, mode)
+            return
+        raise ConfigError(f"shape propagation{where} needs real values (data-dependent control flow, e.g. in a "
+                          f"leaf module: {first}); pass real (not meta) example inputs and weights.") from error
+    raise ConfigError(f"shape propagation failed{where}: {first}. Check that example_inputs have the shapes, dtypes "
+                      "and device the model expects.") from error
+
+
+def _is_data_dependent(exc: BaseException | None) -> bool:
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, _DATA_DEPENDENT):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _has_meta_state(gm: torch.fx.GraphModule) -> bool:
+    return any(t.device.type == "meta" for t in (*gm.parameters(), *gm.buffers()))
+
+
+class _RealRecorder(torch.fx.Interpreter):
+    """Runs the graph on real tensors and records a fake copy of each node's value (shapes only are kept)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, mode: FakeTensorMode) -> None:
+        super().__init__(gm)
+        self.mode = mode
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        result = super().run_node(n)
+        n.meta["val"] = pytree.tree_map_only(torch.Tensor, self.mode.from_tensor, result)
+        return result
+
+
+def _propagate_real(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: FakeTensorMode) -> None:
+    try:
+        with torch.no_grad():
+            _RealRecorder(gm, mode).run(*example_inputs)
+    except Exception as exc:
+        node = _failing_node(gm)
+        raise ConfigError(f"shape propagation failed{f' at node {node}' if node else ''}: {exc}. Check that "
+                          "example_inputs have the shapes, dtypes and device the model expects.") from exc
+
+
+def _failing_node(gm: torch.fx.GraphModule) -> str | None:
+    """The first node without a propagated value: where propagation stopped."""
+    for node in gm.graph.nodes:
+        if node.op not in ("output",) and "val" not in node.meta:
+            return f"{node.name} ({node.format_node()})"
+    return None
+
+
+def shape_of(node: torch.fx.Node) -> tuple[int, ...] | None:
+    """The propagated output shape of a node, or None when it is not a single tensor."""
+    val = node.meta.get("val")
+    return tuple(int(d) for d in val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def conv_output_shape(input_shape: tuple[int, ...], conv: torch.nn.Conv2d) -> tuple[int, ...]:
+    """Output shape of ``conv`` on an input of ``input_shape`` ((N, C, H, W) or unbatched (C, H, W))."""
+    *lead, _, h, w = input_shape
+    sizes = []
+    for i, size in enumerate((h, w)):
+        k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
+        if isinstance(conv.padding, str):
+            sizes.append(size if conv.padding == "same" else (size - d * (k - 1) - 1) // s + 1)
+        else:
+            sizes.append((size + 2 * conv.padding[i] - d * (k - 1) - 1) // s + 1)
+    return (*lead, conv.out_channels, *sizes)
+
+
+def step_output_shape(input_shape: tuple[int, ...], step: torch.nn.Module,
+                      dtype: torch.dtype = torch.float32) -> tuple[int, ...]:
+    """Output shape of one step of a replacement: a Conv2d by :func:`conv_output_shape`, anything else (a shape-only
+    step such as a channel repeat) by running it on a meta tensor.
+
+    >>> step_output_shape((1, 4, 8, 8), torch.nn.Conv2d(4, 6, 3))
+    (1, 6, 6, 6)
+    >>> step_output_shape((1, 4, 8, 8), torch.nn.Flatten())
+    (1, 256)
+    """
+    if isinstance(step, torch.nn.Conv2d):
+        return conv_output_shape(input_shape, step)
+    return tuple(step(torch.empty(input_shape, dtype=dtype, device="meta")).shape)

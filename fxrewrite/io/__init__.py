@@ -1,0 +1,1 @@
+"""Saving and replaying: artifacts (.pt2 / .onnx / .safetensors, written atomically) and replayable plans."""

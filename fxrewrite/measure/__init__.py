@@ -1,0 +1,1 @@
+"""Measurement: analytic cost (MACs, params, activation bytes from node metadata) and measured latency."""

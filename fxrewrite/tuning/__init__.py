@@ -1,0 +1,1 @@
+"""Tuning on data: least-squares repair of rewritten sites and knowledge distillation."""

@@ -1,0 +1,2 @@
+"""Small helpers every layer may use: input normalisation, devices and eval mode, distributed sums, formatting,
+atomic file writes."""
