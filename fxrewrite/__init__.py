@@ -10,8 +10,6 @@ carrying the trained weights over, and report what changed.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from fxrewrite.budget.budget import BudgetInfeasible, Target
 from fxrewrite.errors import (
     ConfigError,
@@ -35,6 +33,7 @@ from fxrewrite.tuning.repair import RepairResult, SiteRepair, load_calibration, 
 
 # the function `verify` shadows the submodule of that name: import its helpers with `from fxrewrite.verification.verify import x`
 from fxrewrite.verification.verify import Verification, verify
+from fxrewrite.version import __version__
 
 __all__ = [
     "BudgetInfeasible",

@@ -32,3 +32,7 @@ class ModelLoadError(FxRewriteError):
 
 class VerificationFailure(FxRewriteError):
     """A verification gate failed (shape mismatch, non-finite output, error above tolerance)."""
+
+
+class ArtifactError(FxRewriteError):
+    """An artifact could not be written; nothing partial was left behind."""

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from fxrewrite.errors import ConfigError
+
 from .base import Pass, PassManager, PassResult
 from .base import parse_pipeline as _parse
 from .bottleneck import DepthwiseBottleneck, GroupedBottleneck
@@ -17,6 +19,14 @@ REGISTRY: dict[str, type[Pass]] = {
     p.name: p
     for p in (DepthwiseSeparable, GroupedSeparable, Grouped, ChannelShuffle, DepthwiseBottleneck, GroupedBottleneck)
 }
+
+
+def pass_class(name: str) -> type[Pass]:
+    """The registered pass class of a CLI name (``ConfigError`` naming the valid ones when there is none)."""
+    cls = REGISTRY.get(name)
+    if cls is None:
+        raise ConfigError(f"no pass named {name!r} in this fxrewrite; valid passes: {', '.join(sorted(REGISTRY))}")
+    return cls
 
 
 def parse_pipeline(text: str) -> list[Pass]:
@@ -37,4 +47,5 @@ __all__ = [
     "PassResult",
     "channel_shuffle",
     "parse_pipeline",
+    "pass_class",
 ]

@@ -11,16 +11,10 @@ import torch
 from torch import nn
 
 import fxrewrite
-from fxrewrite.errors import ConfigError, VerificationFailure
-from fxrewrite.io import artifacts
-from fxrewrite.io.artifacts import (
-    ArtifactError,
-    atomic_dir,
-    atomic_path,
-    atomic_write_text,
-    plan_path_for,
-    save,
-)
+from fxrewrite.errors import ArtifactError, ConfigError, VerificationFailure
+from fxrewrite.io.artifacts import onnxruntime_outputs, save
+from fxrewrite.io.replay import plan_path_for
+from fxrewrite.util.files import atomic_dir, atomic_path, atomic_write_text
 
 
 class Injected(RuntimeError):
@@ -128,7 +122,7 @@ def test_onnx_round_trip_with_onnxruntime(result, tmp_path: Path) -> None:
     assert saved.paths[0] == tmp_path / "model.onnx" and saved.notes == ()
     assert _listing(tmp_path) == sorted(p.name for p in saved.paths)
     assert saved.max_abs_diff is not None and saved.max_abs_diff <= 1e-5
-    got = artifacts.onnxruntime_outputs(tmp_path / "model.onnx", (x,))
+    got = onnxruntime_outputs(tmp_path / "model.onnx", (x,))
     torch.testing.assert_close(torch.from_numpy(got[0]), res.module(x).detach(), rtol=1e-5, atol=1e-5)
     graph = onnx.load(str(tmp_path / "model.onnx")).graph
     groups = sorted(next((a.i for a in n.attribute if a.name == "group"), 1) for n in graph.node
@@ -182,11 +176,11 @@ def test_safetensors_writes_weights_and_plan_together(result, tmp_path: Path,
             raise Injected("rename failed")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(artifacts.os, "replace", fail_on_plan)
+    monkeypatch.setattr(os, "replace", fail_on_plan)
     with pytest.raises(Injected):
         save(res, tmp_path / "model.safetensors")
     assert _listing(tmp_path) == []
-    monkeypatch.setattr(artifacts.os, "replace", real_replace)
+    monkeypatch.setattr(os, "replace", real_replace)
     saved = save(res, tmp_path / "model.safetensors")
     assert saved.paths == (tmp_path / "model.safetensors", plan_path_for(tmp_path / "model.safetensors"))
     tensors = safetensors_torch.load_file(str(tmp_path / "model.safetensors"))

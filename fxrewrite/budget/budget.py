@@ -86,10 +86,16 @@ from tabulate import tabulate
 from torch import Tensor, nn
 
 from fxrewrite.errors import ConfigError
+from fxrewrite.graph.recorder import node_values
 from fxrewrite.graph.select import Rule, parse_rules, resolve
 from fxrewrite.graph.sites import ConvSite, check_groups, find_sites
 from fxrewrite.maths import factorize
+from fxrewrite.maths.im2col import im2col
 from fxrewrite.measure.cost import model_cost
+from fxrewrite.passes import pass_class
+from fxrewrite.util.distributed import all_reduce
+from fxrewrite.util.inputs import calibration_inputs, check_reiterable, to_device
+from fxrewrite.util.runtime import device_of, eval_mode
 
 __all__ = [
     "DEFAULT_FORMS",
@@ -319,7 +325,6 @@ class _GramSum:
         self.count = torch.zeros((), dtype=torch.float64, device=device)
 
     def add(self, x: Tensor) -> None:
-        from fxrewrite.tuning.repair import im2col
         n = x.shape[0]
         per_sample = max(1, math.prod(int(v) for v in x.shape[1:]) * self.conv.kernel_size[0]
                          * self.conv.kernel_size[1])
@@ -332,8 +337,7 @@ class _GramSum:
             self.count += cols.shape[-1]
 
     def stats(self) -> SiteStats:
-        from fxrewrite.tuning.repair import _all_reduce
-        _all_reduce(self.gram, self.sums, self.count)
+        all_reduce(self.gram, self.sums, self.count)
         conv = self.conv
         g, m = conv.groups, conv.out_channels // conv.groups
         w = conv.weight.detach().to(torch.float64).reshape(g, m, -1).to(self.gram.device)
@@ -362,7 +366,6 @@ def collect_site_stats(gm: torch.fx.GraphModule, sites: Sequence[ConvSite], data
     fit ``max_bytes`` together (one pass over the data per chunk, stopping at the chunk's last input), and each
     chunk's statistics are yielded before the next is collected, so memory stays bounded."""
     from fxrewrite.passes.base import conv_module
-    from fxrewrite.tuning.repair import _device, _to, as_inputs, check_reiterable, eval_mode, node_values
     nodes = {n.name: n for n in gm.graph.nodes}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     todo = sorted(sites, key=lambda s: order[nodes[s.node]])
@@ -378,7 +381,7 @@ def collect_site_stats(gm: torch.fx.GraphModule, sites: Sequence[ConvSite], data
         size += need
     if len(chunks) > 1:
         check_reiterable(data)
-    device = _device(gm)
+    device = device_of(gm)
     for chunk in chunks:
         sums = {s.name: _GramSum(conv_module(gm, s), device) for s in chunk}
         inputs_of: dict[torch.fx.Node, list[str]] = {}
@@ -388,7 +391,7 @@ def collect_site_stats(gm: torch.fx.GraphModule, sites: Sequence[ConvSite], data
         batches = 0
         with torch.no_grad(), eval_mode(gm):
             for item in data:
-                for node, value in node_values(gm, _to(as_inputs(item, input_fn), device), inputs_of, stop=stop):
+                for node, value in node_values(gm, to_device(calibration_inputs(item, input_fn), device), inputs_of, stop=stop):
                     if not isinstance(value, Tensor) or value.dim() != 4:
                         raise ConfigError(f"calibration: the input of conv site(s) {inputs_of[node]} is not a 4-D "
                                           "tensor")
@@ -543,7 +546,7 @@ def group_spectra(weight: Tensor, source_groups: int, levels: Iterable[int]) -> 
         if finer is not None:
             grams[g] = grams[finer].reshape(g, finer // g, m, m).sum(dim=1)
         else:
-            a = factorize._group_matrices(w, source_groups, g)
+            a = factorize.group_matrices(w, source_groups, g)
             grams[g] = a @ a.mT
     tall: dict[int, Tensor] = {}
     for g in sorted(set(levels) - set(wide)):  # coarsest first: finer (I/g)K Grams are diagonal blocks
@@ -554,7 +557,7 @@ def group_spectra(weight: Tensor, source_groups: int, levels: Iterable[int]) -> 
             blocks = torch.diagonal(tall[coarser].reshape(coarser, q, n, q, n), dim1=1, dim2=3)  # (c, n, n, q)
             tall[g] = blocks.permute(0, 3, 1, 2).reshape(g, n, n)
         else:
-            a = factorize._group_matrices(w, source_groups, g)
+            a = factorize.group_matrices(w, source_groups, g)
             tall[g] = a.mT @ a
     grams |= tall
     return {g: torch.linalg.eigvalsh(grams[g]).flip(-1).clamp_min(0.0) for g in levels}
@@ -753,22 +756,6 @@ def make_form(spec: str | Form) -> Form:
             raise ConfigError(f"budget form {m.group(1)!r}: {key}={value!r} must be integers") from exc
         kwargs[key] = values if key == "groups" else values[0]
     return cls(**kwargs)
-
-
-def _pass_class(pass_name: str) -> type[Any]:
-    from fxrewrite.passes import REGISTRY
-    cls = REGISTRY.get(pass_name)
-    if cls is None:
-        try:
-            from fxrewrite.passes import bottleneck
-            cls = {"depthwise-bottleneck": bottleneck.DepthwiseBottleneck,
-                   "grouped-bottleneck": bottleneck.GroupedBottleneck}.get(pass_name)
-        except ImportError:  # pragma: no cover - the bottleneck passes ship with fxrewrite
-            cls = None
-    if cls is None:
-        raise ConfigError(f"budget form needs pass {pass_name!r}, which this fxrewrite does not have; valid passes: "
-                          f"{', '.join(sorted(REGISTRY))}")
-    return cls
 
 
 # ------------------------------------------------------------------------------------------------------ optimiser
@@ -1109,7 +1096,7 @@ class BudgetPlan:
         ``structure_only`` builds the new modules with ``init=random`` (no factorisation: fast, for costs)."""
         out = []
         for name, rules in self.rules().items():
-            cls = _pass_class(name)
+            cls = pass_class(name)
             if structure_only:
                 rules = [dataclasses.replace(r, options=MappingProxyType({**r.options, "init": "random"}))
                          for r in rules]
@@ -1412,7 +1399,7 @@ def choose_plan(gm: torch.fx.GraphModule, target: Target, forms: str | Iterable[
     if not form_objs:
         raise ConfigError(f"choose_plan needs at least one form; valid: {', '.join(_FORMS)}")
     for f in form_objs:
-        _pass_class(f.pass_name)
+        pass_class(f.pass_name)
     if calibration is not None:
         blind = [f.name for f in form_objs if not getattr(f, "calibrated", False)]
         if blind:

@@ -61,7 +61,9 @@ from torch import nn
 
 from fxrewrite.errors import ConfigError
 from fxrewrite.graph.sites import ConvSite, ConvSpec
-from fxrewrite.measure.latency import _ort_session, time_round_robin
+from fxrewrite.measure.latency import ort_session, time_round_robin
+from fxrewrite.passes import pass_class
+from fxrewrite.util.files import atomic_write_text
 
 __all__ = ["BACKENDS", "KEEP", "LayerConfig", "LayerLatency", "Timer", "build_module", "clear_memory_cache",
            "device_name"]
@@ -122,10 +124,9 @@ def build_module(config: LayerConfig, site: ConvSite | None = None) -> nn.Module
                      s.padding_mode, dtype=getattr(torch, config.dtype))
     if config.form == KEEP:
         return conv.eval()
-    from fxrewrite.budget.budget import _pass_class
     if site is None:
         site = ConvSite("layer", "layer", "module", "Conv2d", s, config.input_shape, None, config.dtype, None, ())
-    built = _pass_class(config.form)(**dict(config.options), init="random").build(site, conv)
+    built = pass_class(config.form)(**dict(config.options), init="random").build(site, conv)
     return built.module.eval()
 
 
@@ -162,7 +163,7 @@ def _ort_calls(modules: Sequence[nn.Module], x: torch.Tensor, threads: int) -> t
     calls = []
     feed = x.numpy()
     for i, m in enumerate(modules):
-        session = _ort_session(ort, m, (x,), os.path.join(tmp.name, f"m{i}.onnx"), threads)
+        session = ort_session(ort, m, (x,), os.path.join(tmp.name, f"m{i}.onnx"), threads)
         name = session.get_inputs()[0].name
         calls.append(functools.partial(session.run, None, {name: feed}))
     return calls, tmp
@@ -221,7 +222,6 @@ def _load(path: Path | None) -> dict[str, dict[str, Any]]:
 
 
 def _save(path: Path, entries: Mapping[str, Mapping[str, Any]]) -> None:
-    from fxrewrite.io.artifacts import atomic_write_text
     merged = _load(path) | dict(entries)  # another process may have added figures meanwhile
     atomic_write_text(path, json.dumps({"format": _FORMAT, "version": 1, "entries": merged}, indent=1) + "\n")
 
@@ -311,12 +311,12 @@ class LayerLatency:
                 work.append((ref, missing, ref_missing))
         total = sum(len(m) + r for _, m, r in work)
         if total:
-            from fxrewrite.measure.latency import _threads
+            from fxrewrite.measure.latency import torch_threads
             timer = self.timer or _ModuleTimer(self.backend, self.runs, self.warmup,
                                                self.threads or torch.get_num_threads())
             bar = _bar(self.progress, total, f"layer latency ({self.backend})")
             try:
-                with _threads(self.threads), warnings.catch_warnings():
+                with torch_threads(self.threads), warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # exporter / tracer chatter for hundreds of tiny modules
                     for ref, missing, ref_missing in work:
                         for start in range(0, max(len(missing), 1), self.chunk):

@@ -264,10 +264,10 @@ def choose_options(shapes: Mapping[str, ConvShape], form: str, target: float) ->
 
 def conv_shapes(model: nn.Module, example: torch.Tensor, *, skip_stem: bool = True) -> dict[str, ConvShape]:
     """The rewritable convs of ``model`` (per fxrewrite's site finder) with output pixels for one image."""
-    import fxrewrite
+    from fxrewrite.frontends.api import plan
 
     shapes = {}
-    for site in fxrewrite.plan(model, (example[:1],)).sites:
+    for site in plan(model, (example[:1],)).sites:
         s = site.spec
         if site.blocker is not None or site.output_shape is None or (skip_stem and s.in_channels == 1):
             continue
@@ -383,7 +383,8 @@ def run_demo(*, forms: Sequence[str] = FORMS, targets: Sequence[float] = TARGETS
 
 def _run_demo(forms: Sequence[str], targets: Sequence[float], epochs: int, width: int, calib_batches: int,
               batch_size: int, distill_steps: int, distill_lr: float, seed: int, progress: bool) -> DemoResult:
-    import fxrewrite
+    from fxrewrite.frontends.api import rewrite
+    from fxrewrite.graph.select import Rule
     from fxrewrite.tuning.distill import distill
     from fxrewrite.tuning.repair import repair
 
@@ -402,8 +403,8 @@ def _run_demo(forms: Sequence[str], targets: Sequence[float], epochs: int, width
         for target in targets:
             family = EXTRA_FORMS[form][0] if form in EXTRA_FORMS else form
             choice = choose_options(shapes, family, target)
-            rules = [fxrewrite.Rule(site, options=opts) for site, opts in choice.options.items()]
-            result = fxrewrite.rewrite(model, (example,), passes=pipeline(form), select=rules, verify=False)
+            rules = [Rule(site, options=opts) for site, opts in choice.options.items()]
+            result = rewrite(model, (example,), passes=pipeline(form), select=rules, verify=False)
             context = result.report.context
             t1 = time.perf_counter()
             repaired = repair(model, result.module, calib, progress=progress)

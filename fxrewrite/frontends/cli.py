@@ -178,7 +178,8 @@ def _list_passes(as_json: bool) -> str:
 def _run_model_command(args: argparse.Namespace) -> tuple[str, int]:
     import torch
 
-    import fxrewrite
+    from fxrewrite.budget.budget import Target
+    from fxrewrite.frontends.api import plan, rewrite
     from fxrewrite.frontends.models import example_inputs, exported_graph_module, resolve_model
 
     try:
@@ -201,7 +202,7 @@ def _run_model_command(args: argparse.Namespace) -> tuple[str, int]:
     select = args.select or None
     if args.command == "plan":
         planned = exported_graph_module(model) if exported else model
-        result: Any = fxrewrite.plan(planned, inputs, passes, select=select, partial=args.partial,
+        result: Any = plan(planned, inputs, passes, select=select, partial=args.partial,
                                      drop_hooks=args.drop_hooks, **capture)
         if args.json:
             sites = [dataclasses.asdict(s) for s in result.sites]
@@ -222,10 +223,10 @@ def _run_model_command(args: argparse.Namespace) -> tuple[str, int]:
         if passes:
             raise UsageError("--target-macs/--target-params/--target-latency choose the passes: do not combine them "
                              "with --pass")
-        target = fxrewrite.Target(macs=args.target_macs, params=args.target_params, latency=args.target_latency,
+        target = Target(macs=args.target_macs, params=args.target_params, latency=args.target_latency,
                                   backend=args.latency_backend)
         forms = parse_forms(args.forms) if args.forms else None
-    result = fxrewrite.rewrite(model, inputs, passes, select=select, **capture, verify=verify, rtol=args.rtol,
+    result = rewrite(model, inputs, passes, select=select, **capture, verify=verify, rtol=args.rtol,
                                atol=args.atol, latency=args.latency, calibration=calibration, target=target,
                                forms=forms, partial=args.partial, drop_hooks=args.drop_hooks)
     if result.budget is not None:

@@ -298,13 +298,13 @@ def rewrite_exported(ep: torch.export.ExportedProgram, example_inputs: Any = Non
     the re-export; other keyword arguments (``verify``, ``rtol``, ``atol``, ``batches``, ``latency``) go to
     ``fxrewrite.rewrite``. The input program is not modified.
     """
-    from fxrewrite.frontends import api
+    from fxrewrite.frontends.pipeline import rewrite_graph
     if not isinstance(ep, torch.export.ExportedProgram):
         raise ConfigError(f"expected a torch.export.ExportedProgram, got {type(ep).__name__}")
     inputs = _example_inputs(ep, example_inputs)
     gm = ep.module()
     conversion = to_conv_modules(gm, set(ep.graph_signature.parameters))
-    result = api.rewrite(gm, inputs, passes, select=select, **options)
+    result = rewrite_graph(gm, inputs, passes, select=select, **options)
     try:
         new_ep = torch.export.export(result.module, inputs, dynamic_shapes=dynamic_shapes, strict=strict)
     except Exception as exc:

@@ -52,10 +52,12 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from fxrewrite.errors import ConfigError, FxRewriteError, TraceFailure
-from fxrewrite.graph.capture import LeafSpec, _check_traceable_type, trace
+from fxrewrite.frontends.pipeline import as_passes, plan_graph, rewrite_graph
+from fxrewrite.graph.capture import LeafSpec, check_traceable_type, trace
 from fxrewrite.graph.select import Rule, Selection, parse_rules, resolve
 from fxrewrite.graph.sites import ConvSite, find_sites
 from fxrewrite.report.report import Report, SiteRecord
+from fxrewrite.util.inputs import example_inputs_tuple
 
 _CONSTANTS = (bool, int, float, str, type(None))
 
@@ -391,17 +393,13 @@ def rewrite_partial(model: nn.Module, example_inputs: Any, passes: Any, *, selec
     from the root. ``verify``/``rtol``/``atol`` are passed to each unit's ``fxrewrite.rewrite``. ``dry_run=True``
     plans instead (the module returned is an unchanged copy). See the module docstring.
     """
-    from fxrewrite.frontends.api import _inputs, _passes
-    from fxrewrite.frontends.api import plan as plan_fn
-    from fxrewrite.frontends.api import rewrite as rewrite_fn
-
     if isinstance(model, torch.export.ExportedProgram):
         raise ConfigError("partial mode rewrites eager nn.Modules that do not trace as a whole; an ExportedProgram is "
                           "one graph already: call fxrewrite.rewrite(ep, example_inputs, passes) without partial.")
-    _check_traceable_type(model)
-    pipeline = _passes(passes)
+    check_traceable_type(model)
+    pipeline = as_passes(passes)
     rules = parse_rules(select)
-    inputs = _inputs(example_inputs)
+    inputs = example_inputs_tuple(example_inputs)
     leaves = list(leaf_modules)
     autowrap = list(autowrap_functions)
     options = {"verify": verify, "rtol": rtol, "atol": atol}
@@ -414,9 +412,9 @@ def rewrite_partial(model: nn.Module, example_inputs: Any, passes: Any, *, selec
     if reason is None:  # the whole model traces: this is an ordinary rewrite
         capture = {"concrete_args": concrete_args, "leaf_modules": leaves, "autowrap_functions": autowrap}
         if dry_run:
-            planned = plan_fn(model, inputs, pipeline, select=select, **capture)
+            planned = plan_graph(model, inputs, pipeline, select=select, **capture)
             return copy.deepcopy(model), planned.report, []
-        result = rewrite_fn(model, inputs, pipeline, select=select, **capture, **options)
+        result = rewrite_graph(model, inputs, pipeline, select=select, **capture, **options)
         return result.module, result.report, []
 
     walker.calls = _record_calls(model, inputs)
@@ -433,10 +431,10 @@ def rewrite_partial(model: nn.Module, example_inputs: Any, passes: Any, *, selec
                    "autowrap_functions": autowrap}
         try:
             if dry_run:
-                report = plan_fn(unit.module, unit.inputs, pipeline, select=unit_rules, **capture).report
+                report = plan_graph(unit.module, unit.inputs, pipeline, select=unit_rules, **capture).report
                 verification = None
             else:
-                result = rewrite_fn(unit.module, unit.inputs, pipeline, select=unit_rules, **capture, **options)
+                result = rewrite_graph(unit.module, unit.inputs, pipeline, select=unit_rules, **capture, **options)
                 report, verification = result.report, result.verification
                 out.set_submodule(unit.qualname, unit.replacement(result.module))
         except FxRewriteError as exc:

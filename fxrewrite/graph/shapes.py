@@ -118,12 +118,12 @@ def _propagate(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
         error = exc
     where = f" at node {node}" if node else ""
     first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-    if _is_data_dependent(error):
+    if is_data_dependent(error):
         real = [x for x in example_inputs if isinstance(x, torch.Tensor)]
         if all(x.device.type != "meta" for x in real) and not _has_meta_state(gm):
             warnings.warn(f"fxrewrite: shape propagation{where} needs real values (data-dependent control flow, "
                           "e.g. in a leaf module); running the model once on example_inputs instead.", stacklevel=2)
-            _propagate_real(gm, example_inputs, mode)
+            propagate_real(gm, example_inputs, mode)
             return
         raise ConfigError(f"shape propagation{where} needs real values (data-dependent control flow, e.g. in a "
                           f"leaf module: {first}); pass real (not meta) example inputs and weights.") from error
@@ -131,7 +131,7 @@ def _propagate(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
                       "and device the model expects.") from error
 
 
-def _is_data_dependent(exc: BaseException | None) -> bool:
+def is_data_dependent(exc: BaseException | None) -> bool:
     seen = 0
     while exc is not None and seen < 10:
         if isinstance(exc, _DATA_DEPENDENT):
@@ -157,7 +157,7 @@ class _RealRecorder(torch.fx.Interpreter):
         return result
 
 
-def _propagate_real(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: FakeTensorMode) -> None:
+def propagate_real(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: FakeTensorMode) -> None:
     try:
         with torch.no_grad():
             _RealRecorder(gm, mode).run(*example_inputs)

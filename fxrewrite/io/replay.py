@@ -4,7 +4,7 @@ A ``RewritePlan`` lists, in application order, every site a rewrite changed with
 used there. ``apply_plan(fresh_model, plan)`` re-runs those passes restricted to exactly those sites, building the
 new modules with ``init=random`` (structure only, no factorisation), so the result has the same state_dict keys and
 shapes as the rewritten module and ``load_state_dict(saved, strict=True)`` restores it. With weights saved as
-safetensors (``fxrewrite.io.artifacts.save(..., "model.safetensors")``) nothing needs ``torch.load(weights_only=False)``.
+safetensors (``fxrewrite.save(..., "model.safetensors")``) nothing needs ``torch.load(weights_only=False)``.
 
 >>> import torch, fxrewrite
 >>> from fxrewrite.io.replay import apply_plan, plan_from_result, RewritePlan
@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from fxrewrite.errors import ConfigError, FxRewriteError
+from fxrewrite.util.files import atomic_write_text
 
 SCHEMA = "fxrewrite.plan"
 SCHEMA_VERSION = 1
@@ -64,7 +65,7 @@ class PlanEntry:
 
 
 def _versions() -> tuple[str, str]:
-    from fxrewrite import __version__
+    from fxrewrite.version import __version__
     return __version__, torch.__version__
 
 
@@ -113,8 +114,17 @@ class RewritePlan:
 
     def save(self, path: str | Path) -> Path:
         """Write the plan as JSON, atomically."""
-        from fxrewrite.io.artifacts import atomic_write_text
         return atomic_write_text(path, self.to_json() + "\n")
+
+
+def plan_path_for(path: str | Path) -> Path:
+    """Where the replay plan of a weights file lives: ``model.safetensors`` -> ``model.plan.json``.
+
+    >>> plan_path_for("out/model.safetensors").as_posix()
+    'out/model.plan.json'
+    """
+    p = Path(path)
+    return p.with_name(p.stem + ".plan.json")
 
 
 def plan_from_result(result: Any) -> RewritePlan:
@@ -201,7 +211,6 @@ def load_rewritten(fresh_model: nn.Module, weights: str | Path, plan: RewritePla
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from fxrewrite.io.artifacts import plan_path_for
     weights = Path(weights)
     if plan is None:
         beside = plan_path_for(weights)

@@ -143,7 +143,7 @@ def dense_weight(weight: Tensor, source_groups: int) -> Tensor:
     return dense
 
 
-def _group_matrices(weight: Tensor, source_groups: int, groups: int) -> Tensor:
+def group_matrices(weight: Tensor, source_groups: int, groups: int) -> Tensor:
     """Per-input-group matrices ``A_i`` of shape ``(g, O/G, (I/g)*K)`` in float64.
 
     ``A_i`` is the source weight restricted to input group ``i`` and the output block that sees it.
@@ -202,7 +202,7 @@ def singular_values(weight: Tensor, *, source_groups: int = 1, groups: int) -> T
     [[1.0, 1.0], [1.0, 1.0]]
     """
     with one_thread():
-        return torch.linalg.svdvals(_group_matrices(weight, source_groups, groups))
+        return torch.linalg.svdvals(group_matrices(weight, source_groups, groups))
 
 
 def predicted_rel_error(sv: Tensor, rank: int) -> float:
@@ -240,7 +240,7 @@ def grouped_separable(weight: Tensor, *, source_groups: int = 1, groups: int, ra
     >>> torch.allclose(y, F.conv2d(x, w), atol=1e-4)
     True
     """
-    a = _group_matrices(weight, source_groups, groups)
+    a = group_matrices(weight, source_groups, groups)
     g, ob, _ = a.shape
     max_rank = min(a.shape[1], a.shape[2])
     if not 1 <= rank <= max_rank:

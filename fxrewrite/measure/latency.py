@@ -43,6 +43,11 @@ from tabulate import tabulate
 from torch import nn
 
 from fxrewrite.errors import ConfigError
+from fxrewrite.graph.capture import as_graph_module
+from fxrewrite.graph.recorder import SubgraphRunner, ValueRecorder
+from fxrewrite.graph.site_nodes import first_input, original_nodes, site_groups
+from fxrewrite.util.inputs import example_inputs_tuple
+from fxrewrite.util.runtime import device_of, eval_mode
 
 __all__ = ["BACKENDS", "BackendTiming", "LatencyReport", "SiteTiming", "measure_latency"]
 
@@ -144,7 +149,7 @@ def _ms(x: float | None) -> str:
 
 
 @contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[int]:
+def torch_threads(n: int | None) -> Iterator[int]:
     before = torch.get_num_threads()
     if n is not None:
         if n < 1:
@@ -233,7 +238,7 @@ def _onnxruntime(original: nn.Module, rewritten: nn.Module, inputs: tuple[Any, .
         return BackendTiming("onnxruntime", "skipped", "non-tensor inputs cannot be fed to an ONNX session")
     try:
         with tempfile.TemporaryDirectory(prefix="fxrewrite-latency-") as tmp:
-            sessions = [_ort_session(ort, m, inputs, os.path.join(tmp, f"{name}.onnx"), threads)
+            sessions = [ort_session(ort, m, inputs, os.path.join(tmp, f"{name}.onnx"), threads)
                         for name, m in (("original", original), ("rewritten", rewritten))]
             feeds = [{i.name: x.detach().cpu().numpy() for i, x in zip(s.get_inputs(), inputs, strict=True)}
                      for s in sessions]
@@ -245,7 +250,7 @@ def _onnxruntime(original: nn.Module, rewritten: nn.Module, inputs: tuple[Any, .
     return _timing("onnxruntime", ta, tb)
 
 
-def _ort_session(ort: Any, model: nn.Module, inputs: tuple[Any, ...], path: str, threads: int) -> Any:
+def ort_session(ort: Any, model: nn.Module, inputs: tuple[Any, ...], path: str, threads: int) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated; it is fast and needs no onnxscript
         try:
@@ -260,19 +265,11 @@ def _ort_session(ort: Any, model: nn.Module, inputs: tuple[Any, ...], path: str,
 
 def _per_site(original: nn.Module, rewritten: nn.Module, inputs: tuple[Any, ...], runs: int, warmup: int,
               sync: Callable[[], None]) -> tuple[SiteTiming, ...]:
-    from fxrewrite.verification.verify import (
-        SubgraphRunner,
-        _first_input,
-        _original_nodes,
-        _Runner,
-        as_graph_module,
-        site_groups,
-    )
     ref_gm, new_gm = as_graph_module(original), as_graph_module(rewritten)
     groups = site_groups(new_gm)
-    originals = _original_nodes(ref_gm, groups)
-    wanted = {name: node for name, node in originals.items() if _first_input(node) is not None}
-    input_names = {_first_input(node).name: name for name, node in wanted.items()}  # type: ignore[union-attr]
+    originals = original_nodes(ref_gm, groups)
+    wanted = {name: node for name, node in originals.items() if first_input(node) is not None}
+    input_names = {first_input(node).name: name for name, node in wanted.items()}  # type: ignore[union-attr]
     site_inputs: dict[str, Any] = {}
 
     def record(node: torch.fx.Node, value: Any) -> None:
@@ -280,14 +277,14 @@ def _per_site(original: nn.Module, rewritten: nn.Module, inputs: tuple[Any, ...]
             if node.name == input_name:
                 site_inputs[site] = value
 
-    _Runner(ref_gm, set(input_names), record).run(*inputs)
+    ValueRecorder(ref_gm, set(input_names), record).run(*inputs)
     out = []
     for site, nodes in groups.items():
         if site not in site_inputs:
             continue
         x = site_inputs[site]
-        before = SubgraphRunner(ref_gm, [wanted[site]], _first_input(wanted[site]))  # type: ignore[arg-type]
-        after = SubgraphRunner(new_gm, nodes, _first_input(nodes[0]))  # type: ignore[arg-type]
+        before = SubgraphRunner(ref_gm, [wanted[site]], first_input(wanted[site]))  # type: ignore[arg-type]
+        after = SubgraphRunner(new_gm, nodes, first_input(nodes[0]))  # type: ignore[arg-type]
         ta, tb = _time_pair(lambda b=before, x=x: b(x), lambda a=after, x=x: a(x), runs, warmup, sync)
         out.append(SiteTiming(site, statistics.median(ta) * 1e3, statistics.median(tb) * 1e3))
     return tuple(out)
@@ -302,19 +299,18 @@ def measure_latency(original: nn.Module, rewritten: nn.Module, example_inputs: A
     restored afterwards; None keeps the current setting. The thread count used is in the report. Models run in eval
     mode under ``torch.no_grad``; each submodule's train/eval flag is restored afterwards.
     """
-    from fxrewrite.verification.verify import _as_inputs, _device_of, _eval_mode
-    inputs = _as_inputs(example_inputs)
+    inputs = example_inputs_tuple(example_inputs)
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ConfigError(f"unknown latency backend(s) {unknown}; valid: {', '.join(BACKENDS)}")
     if runs < 1 or warmup < 0:
         raise ConfigError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
-    device = _device_of(original) or torch.device("cpu")
+    device = device_of(original) or torch.device("cpu")
     if device.type == "meta":
         raise ConfigError("cannot time a model on the meta device; build it on a real device first")
     sync = _sync(device)
     results: list[BackendTiming] = []
-    with _threads(threads) as used, _eval_mode(original, rewritten), torch.no_grad():
+    with torch_threads(threads) as used, eval_mode(original, rewritten), torch.no_grad():
         for backend in dict.fromkeys(backends):
             if backend == "eager":
                 results.append(_eager(original, rewritten, inputs, runs, warmup, sync))

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
+from fxrewrite.util.formatting import fmt_int
+
 if TYPE_CHECKING:
     from fxrewrite.graph.sites import HiddenConv
     from fxrewrite.measure.latency import LatencyReport
@@ -84,19 +86,10 @@ class SiteRecord:
         return self.status in ("rewritten", "planned")
 
 
-def _fmt_int(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit, scale in (("G", 10**9), ("M", 10**6), ("K", 10**3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(n)
-
-
 def _fmt_change(before: int | None, after: int | None, changed: bool) -> str:
     if not changed:
-        return _fmt_int(before)
-    return f"{_fmt_int(before)} -> {_fmt_int(after)}"
+        return fmt_int(before)
+    return f"{fmt_int(before)} -> {fmt_int(after)}"
 
 
 def _fmt_error(rec: SiteRecord) -> str:
@@ -109,7 +102,7 @@ def _fmt_delta(before: int | None, after: int | None) -> str:
     if before is None or after is None:
         return "?"
     delta = after - before
-    return "0" if delta == 0 else ("+" if delta > 0 else "-") + _fmt_int(abs(delta))
+    return "0" if delta == 0 else ("+" if delta > 0 else "-") + fmt_int(abs(delta))
 
 
 def _fmt_ratio(before: int | None, after: int | None) -> str:
@@ -151,7 +144,7 @@ class CostComparison:
     SITE_HEADERS = ("site", "params", "delta params", "MACs", "delta MACs")
 
     def rows(self) -> list[list[str]]:
-        return [[label, _fmt_int(b), _fmt_int(a), _fmt_delta(b, a), _fmt_ratio(b, a)] for label, b, a in (
+        return [[label, fmt_int(b), fmt_int(a), _fmt_delta(b, a), _fmt_ratio(b, a)] for label, b, a in (
             ("params", self.params_before, self.params_after), ("MACs", self.macs_before, self.macs_after),
             ("activation bytes", self.activation_bytes_before, self.activation_bytes_after))]
 
@@ -279,11 +272,11 @@ class Report:
         lines = [f"sites: {t['sites']}  changed: {t['changed']}  skipped: {t['skipped']}"]
         if t["changed"]:
             ratio = t["macs_after"] / t["macs_before"] if t["macs_before"] else float("nan")
-            lines.append(f"changed sites: params {_fmt_int(t['params_before'])} -> {_fmt_int(t['params_after'])}, "
-                         f"MACs {_fmt_int(t['macs_before'])} -> {_fmt_int(t['macs_after'])} ({ratio:.3f}x)")
+            lines.append(f"changed sites: params {fmt_int(t['params_before'])} -> {fmt_int(t['params_after'])}, "
+                         f"MACs {fmt_int(t['macs_before'])} -> {fmt_int(t['macs_after'])} ({ratio:.3f}x)")
         for key in ("model_macs_before", "model_macs_after", "model_params_before", "model_params_after"):
             if key in self.context:
-                lines.append(f"{key.replace('_', ' ')}: {_fmt_int(int(self.context[key]))}")
+                lines.append(f"{key.replace('_', ' ')}: {fmt_int(int(self.context[key]))}")
         dropped = [f"{r.site} ({r.details['dropped_hooks']})" for r in self.records if r.details.get("dropped_hooks")]
         if dropped:
             lines.append(f"hooks dropped (drop_hooks=True): {', '.join(dropped)}")
@@ -338,7 +331,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         import torch
 
-        from fxrewrite import __version__
+        from fxrewrite.version import __version__
         return {
             "schema": "fxrewrite.report.report",
             "schema_version": SCHEMA_VERSION,
@@ -366,8 +359,8 @@ class Report:
 def _fmt_output_error(check: Any) -> str:
     if check is None or check.local is None:
         return "-"
-    from fxrewrite.verification.verify import _fmt_rel
-    return f"{_fmt_rel(check.local)} / {_fmt_rel(check.accumulated)}"
+    from fxrewrite.verification.verify import fmt_rel
+    return f"{fmt_rel(check.local)} / {fmt_rel(check.accumulated)}"
 
 
 def _markdown_section(text: str) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from tabulate import tabulate
 
 from fxrewrite.graph.sites import REWRITE_KINDS, ConvSite
-from fxrewrite.report.report import _fmt_int
+from fxrewrite.util.formatting import fmt_int
 
 SHORT = {"depthwise-separable": "dw-sep", "grouped-separable": "grouped-sep", "grouped": "grouped"}
 
@@ -42,7 +42,7 @@ def sites_table(sites: Sequence[ConvSite], tablefmt: str = "simple") -> str:
     for site in sites:
         shape = "x".join(map(str, site.output_shape)) if site.output_shape else "?"
         verdicts = [("yes" if site.reason_for(k) is None else site.reason_for(k).code) for k in REWRITE_KINDS]
-        rows.append([site.name, _spec_text(site), shape, _fmt_int(site.macs), *verdicts])
+        rows.append([site.name, _spec_text(site), shape, fmt_int(site.macs), *verdicts])
     headers = ["site", "conv", "output", "MACs", *(SHORT[k] for k in REWRITE_KINDS)]
     footer = (f"{len(sites)} convolution site(s); MACs: 1 MAC = one multiply-add, bias not counted; "
               "FLOPs = 2 x MACs.")

@@ -35,19 +35,12 @@ import torch
 from torch import nn
 
 from fxrewrite.errors import ConfigError
-from fxrewrite.graph.capture import LeafSpec
-from fxrewrite.tuning.repair import (
-    InputFn,
-    _device,
-    _original_nodes,
-    _output_leaves,
-    _to,
-    as_inputs,
-    check_reiterable,
-    eval_mode,
-    node_values,
-)
-from fxrewrite.verification.verify import as_graph_module, site_groups
+from fxrewrite.graph.capture import LeafSpec, as_graph_module
+from fxrewrite.graph.recorder import node_values
+from fxrewrite.graph.site_nodes import original_nodes, site_groups
+from fxrewrite.tuning.repair import output_leaves
+from fxrewrite.util.inputs import InputFn, calibration_inputs, check_reiterable, to_device
+from fxrewrite.util.runtime import device_of, eval_mode
 
 
 @dataclass(frozen=True)
@@ -92,7 +85,7 @@ class DistillResult:
 
 def _relative_sq(student: Any, teacher: Any) -> torch.Tensor:
     total: torch.Tensor | None = None
-    s_leaves, t_leaves = _output_leaves(student), _output_leaves(teacher)
+    s_leaves, t_leaves = output_leaves(student), output_leaves(teacher)
     if len(s_leaves) != len(t_leaves):
         raise ConfigError(f"distill: the rewritten model returns {len(s_leaves)} floating tensor(s), the original "
                           f"{len(t_leaves)}")
@@ -149,12 +142,12 @@ def distill(original: nn.Module, rewritten: torch.fx.GraphModule, data: Iterable
     if not (lr > 0 and site_weight >= 0):
         raise ConfigError(f"distill: lr must be > 0 and site_weight >= 0, got lr={lr!r}, site_weight={site_weight!r}")
     check_reiterable(data, "distillation data")
-    target = torch.device(device) if device is not None else (_device(rewritten) or torch.device("cpu"))
+    target = torch.device(device) if device is not None else (device_of(rewritten) or torch.device("cpu"))
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", torch.cuda.current_device())
     student = copy.deepcopy(rewritten).to(target)
     teacher: nn.Module = original
-    if _device(original) not in (None, target):
+    if device_of(original) not in (None, target):
         teacher = copy.deepcopy(original).to(target)
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
@@ -168,7 +161,7 @@ def distill(original: nn.Module, rewritten: torch.fx.GraphModule, data: Iterable
     if site_weight > 0:
         reference = as_graph_module(teacher, concrete_args=concrete_args, leaf_modules=leaf_modules,
                                     autowrap_functions=autowrap_functions)
-        originals = _original_nodes(reference)
+        originals = original_nodes(reference)
         names = []
         for name, nodes in site_groups(student).items():
             last = nodes[-1]
@@ -197,7 +190,7 @@ def distill(original: nn.Module, rewritten: torch.fx.GraphModule, data: Iterable
     first = next(iter(data), None)
     if first is None:
         raise ConfigError("distill: the data is empty")
-    probe_inputs = _to(as_inputs(first, input_fn), target)
+    probe_inputs = to_device(calibration_inputs(first, input_fn), target)
 
     def probe() -> float:
         with torch.no_grad(), eval_mode(teacher, student):
@@ -215,7 +208,7 @@ def distill(original: nn.Module, rewritten: torch.fx.GraphModule, data: Iterable
         with eval_mode(teacher):
             student.train(train_mode)
             for _ in range(steps):
-                loss = loss_on(_to(as_inputs(next(items), input_fn), target))
+                loss = loss_on(to_device(calibration_inputs(next(items), input_fn), target))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -85,7 +85,6 @@ True
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import sys
@@ -95,23 +94,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tabulate import tabulate
 from torch import nn
 
 from fxrewrite.errors import ConfigError, FxRewriteError
-from fxrewrite.graph.capture import LeafSpec
+from fxrewrite.graph.capture import LeafSpec, as_graph_module
+from fxrewrite.graph.recorder import node_values
 from fxrewrite.graph.rewriter import set_conv_weight
-from fxrewrite.verification.verify import as_graph_module, site_groups
+from fxrewrite.graph.site_nodes import original_nodes, site_groups
+from fxrewrite.maths.im2col import im2col
+from fxrewrite.util.distributed import all_reduce, is_distributed, world_size
+from fxrewrite.util.formatting import json_float
+from fxrewrite.util.inputs import InputFn, batch_size_of, calibration_inputs, check_reiterable, to_device
+from fxrewrite.util.runtime import device_of, eval_mode
 
 DEFAULT_RIDGE = 1e-4
 BN_MODES = ("match", "reestimate", None)
 OUTPUT = "<output>"
 CHECK_OUTPUT = "<output, check half>"
 _CHUNK_ELEMENTS = 1 << 24  # float64 im2col elements per chunk (128 MiB): bounds the transient memory of a batch
-
-InputFn = Callable[[Any], Sequence[Any]]
-
 
 class RepairError(FxRewriteError):
     """Repair could not run (bad calibration data, a site that cannot be refit, mismatched models)."""
@@ -148,7 +149,7 @@ class SiteRepair:
     check_after: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: _json_float(v) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+        return {k: json_float(v) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
 
 @dataclass(frozen=True)
@@ -206,15 +207,11 @@ class RepairResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"sites": [s.to_dict() for s in self.sites],
-                "output_error_before": _json_float(self.output_error_before),
-                "output_error_after": _json_float(self.output_error_after), "batches": self.batches,
+                "output_error_before": json_float(self.output_error_before),
+                "output_error_after": json_float(self.output_error_after), "batches": self.batches,
                 "samples": self.samples, "ridge": self.ridge, "bn": self.bn, "bn_layers": list(self.bn_layers),
                 "bn_matched": [list(m) for m in self.bn_matched],
                 "world_size": self.world_size, "seconds": self.seconds, "notes": list(self.notes)}
-
-
-def _json_float(x: float) -> float | str:
-    return x if math.isfinite(x) else str(x)
 
 
 def _fmt(x: float) -> str:
@@ -222,42 +219,6 @@ def _fmt(x: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ data helpers
-
-
-def as_inputs(item: Any, input_fn: InputFn | None = None) -> tuple[Any, ...]:
-    """One calibration item as the model's positional inputs: ``input_fn(item)``, a tuple/list as is, or a tensor
-    as a 1-tuple.
-
-    >>> [tuple(t.shape) for t in as_inputs(torch.zeros(2, 3))], len(as_inputs([torch.zeros(1), torch.zeros(1)]))
-    ([(2, 3)], 2)
-    """
-    if input_fn is not None:
-        item = input_fn(item)
-    if isinstance(item, torch.Tensor):
-        return (item,)
-    if isinstance(item, tuple | list):
-        return tuple(item)
-    raise ConfigError(f"calibration items must be tuples of positional inputs (or tensors), got "
-                      f"{type(item).__name__}; pass input_fn= to map items to inputs (e.g. lambda b: (b[0],) for a "
-                      "DataLoader of (input, label) pairs)")
-
-
-def check_reiterable(data: Iterable[Any], what: str = "calibration data") -> None:
-    """Repair and distillation read the data several times: a one-shot iterator (a generator) is an error."""
-    if isinstance(data, Iterator) or iter(data) is data:
-        raise ConfigError(f"{what} is a one-shot iterator, but it is read several times (once per site); pass a "
-                          "list of input tuples or a DataLoader instead of a generator")
-
-
-def _to(inputs: tuple[Any, ...], device: torch.device | None) -> tuple[Any, ...]:
-    if device is None:
-        return inputs
-    return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
-
-
-def _batch_size(inputs: tuple[Any, ...]) -> int:
-    t = next((x for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
-    return int(t.shape[0]) if t is not None else 1
 
 
 def load_calibration(path: str, batch_size: int = 32, dtype: torch.dtype | None = None) -> list[tuple[Any, ...]]:
@@ -291,106 +252,13 @@ def load_calibration(path: str, batch_size: int = 32, dtype: torch.dtype | None 
     return [tuple(t[i:i + batch_size] for t in tensors) for i in range(0, n, batch_size)]
 
 
-# ------------------------------------------------------------------------------------------------ distributed
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _all_reduce(*tensors: torch.Tensor) -> None:
-    """Sum each tensor over the processes of the default group (no-op without torch.distributed)."""
-    if _distributed():
-        for t in tensors:
-            torch.distributed.all_reduce(t)
-
-
-def world_size() -> int:
-    return torch.distributed.get_world_size() if _distributed() else 1
-
-
-# --------------------------------------------------------------------------------------------- graph running
-
-
-def node_values(gm: torch.fx.GraphModule, inputs: Sequence[Any], watch: Iterable[torch.fx.Node],
-                stop: torch.fx.Node | None = None) -> Iterator[tuple[torch.fx.Node, Any]]:
-    """Run ``gm`` node by node, yielding ``(node, value)`` for watched nodes as they are produced; stop after ``stop``.
-
-    Values are freed after their last use (as ``torch.fx.Interpreter`` does), so only live values are held.
-
-    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Tanh()))
-    >>> _, relu, tanh, _ = gm.graph.nodes
-    >>> [(n.name, v.tolist()) for n, v in node_values(gm, (torch.tensor([-1.0]),), [relu], stop=relu)]
-    [('_0', [0.0])]
-    """
-    watched = set(watch)
-    interp = torch.fx.Interpreter(gm, garbage_collect_values=True)
-    interp.env = {}
-    interp.args_iter = iter(gm.graph.process_inputs(*inputs))
-    for node in gm.graph.nodes:
-        value = interp.run_node(node)
-        interp.env[node] = value
-        if node in watched:
-            yield node, value
-        if node is stop or node.op == "output":
-            return
-        for dead in interp.user_to_last_uses.get(node, []):
-            del interp.env[dead]
-
-
-def _output_leaves(value: Any) -> list[torch.Tensor]:
+def output_leaves(value: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a (nested) model output."""
     leaves = torch.utils._pytree.tree_leaves(value)
     return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-@contextlib.contextmanager
-def eval_mode(*modules: nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode for the duration; each one's own flag is restored afterwards."""
-    flags = [(m, m.training) for root in modules for m in root.modules()]
-    try:
-        for root in modules:
-            root.eval()
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def _device(module: nn.Module) -> torch.device | None:
-    t = next(iter(module.parameters()), None)
-    if t is None:
-        t = next(iter(module.buffers()), None)
-    return t.device if t is not None else None
-
-
 # ---------------------------------------------------------------------------------------------- least squares
-
-
-def im2col(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """The columns a Conv2d multiplies: (groups, in_channels/groups * kh * kw, N * H_out * W_out), so that
-    ``conv(x)`` for group j is ``W_j @ cols[j]`` with ``W_j = conv.weight[j*O/g:(j+1)*O/g].flatten(1)`` (plus bias).
-
-    >>> conv = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=False)
-    >>> x = torch.randn(2, 4, 7, 7)
-    >>> cols = im2col(conv, x)
-    >>> w = conv.weight.reshape(2, 3, -1)
-    >>> y = (w @ cols).reshape(2, 3, 2, 4, 4).permute(2, 0, 1, 3, 4).reshape(2, 6, 4, 4)
-    >>> torch.testing.assert_close(y, conv(x))
-    """
-    g = conv.groups
-    n = x.shape[0]
-    if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and _no_padding(conv):
-        cols = x.reshape(n, x.shape[1], -1)
-    else:
-        pad = conv._reversed_padding_repeated_twice
-        if any(pad):
-            x = F.pad(x, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
-        cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
-    return cols.reshape(n, g, cols.shape[1] // g, -1).permute(1, 2, 0, 3).reshape(g, cols.shape[1] // g, -1)
-
-
-def _no_padding(conv: nn.Conv2d) -> bool:
-    return not any(conv._reversed_padding_repeated_twice)
 
 
 def _targets(y: torch.Tensor, groups: int) -> torch.Tensor:
@@ -480,17 +348,8 @@ class _Site:
     reason: str = ""
 
 
-def _original_nodes(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
-    found: dict[str, torch.fx.Node] = {}
-    for node in gm.graph.nodes:
-        key = str(node.target) if node.op == "call_module" else node.name if node.op == "call_function" else None
-        if key is not None:
-            found.setdefault(key, node)
-    return found
-
-
 def _sites(original: torch.fx.GraphModule, model: torch.fx.GraphModule) -> list[_Site]:
-    originals = _original_nodes(original)
+    originals = original_nodes(original)
     out = []
     for name, nodes in site_groups(model).items():
         last = nodes[-1]
@@ -550,7 +409,7 @@ class _Errors:
     def add(self, key: str, candidate: Any, reference: Any, check_half: bool = False) -> None:
         """Add the errors of ``candidate`` against ``reference`` (of every sample, or with ``check_half`` of the
         check half: the odd samples of each leaf with a batch dimension)."""
-        for a, b in zip(_output_leaves(candidate), _output_leaves(reference), strict=True):
+        for a, b in zip(output_leaves(candidate), output_leaves(reference), strict=True):
             if check_half and a.dim() == 0:
                 continue
             a, b = (_halves(a)[1], _halves(b)[1]) if check_half else (a, b)
@@ -559,7 +418,7 @@ class _Errors:
             self.sums[self.index[key], 1] += b64.square().sum().to(self.sums.device)
 
     def result(self) -> dict[str, float]:
-        _all_reduce(self.sums)
+        all_reduce(self.sums)
         out = {}
         for k, i in self.index.items():
             err2, ref2 = float(self.sums[i, 0]), float(self.sums[i, 1])
@@ -571,7 +430,7 @@ def _measure(original: torch.fx.GraphModule, model: torch.fx.GraphModule, batche
              sites: Sequence[_Site], progress: _Progress, label: str) -> dict[str, float]:
     """End-to-end relative L2 error of every site output and of the model output, and of the model output on the
     check half (one run of each model per batch, in lockstep, so at most a site's two values are held at once)."""
-    errors = _Errors([*(s.name for s in sites), OUTPUT, CHECK_OUTPUT], _device(model))
+    errors = _Errors([*(s.name for s in sites), OUTPUT, CHECK_OUTPUT], device_of(model))
     orig_watch = {s.original: s.name for s in sites if s.original is not None}
     orig_out = next(n for n in reversed(original.graph.nodes) if n.op == "output")
     model_out = next(n for n in reversed(model.graph.nodes) if n.op == "output")
@@ -632,7 +491,7 @@ def _refit(original: torch.fx.GraphModule, model: torch.fx.GraphModule, batches:
         if x_check.shape[0]:
             check.add(x_check, y_check)
         progress.update(f"refit {site.name}")
-    _all_reduce(fit.gram, fit.cross, fit.stats, check.gram, check.cross, check.stats)
+    all_reduce(fit.gram, fit.cross, fit.stats, check.gram, check.cross, check.stats)
     full = fit.merged(check)
     columns = int(full.stats[1])
     if columns == 0:
@@ -686,10 +545,10 @@ def _reestimate(model: torch.fx.GraphModule, node: torch.fx.Node, batches: Calla
     finally:
         bn.momentum = momentum
         bn.train(training)
-    if _distributed():
+    if is_distributed():
         n = bn.num_batches_tracked.to(torch.float64)
         mean, var, total = bn.running_mean.to(torch.float64) * n, bn.running_var.to(torch.float64) * n, n.clone()
-        _all_reduce(mean, var, total)
+        all_reduce(mean, var, total)
         bn.running_mean.copy_(mean / total)
         bn.running_var.copy_(var / total)
         bn.num_batches_tracked.copy_(total.to(bn.num_batches_tracked.dtype))
@@ -750,7 +609,7 @@ def _match(original: torch.fx.GraphModule, model: torch.fx.GraphModule, node: to
         _channel_sums(r_fit, o_fit, fit)
         _channel_sums(r_check, o_check, check)
         progress.update(f"match {node.target}")
-    _all_reduce(fit, check)
+    all_reduce(fit, check)
     a, b = _moment_map(fit)
     mean, var = bn.running_mean.to(torch.float64), bn.running_var.to(torch.float64)
     new_var = (var + bn.eps) / a.square() - bn.eps
@@ -814,14 +673,14 @@ def repair(original: nn.Module, rewritten: torch.fx.GraphModule, data: Iterable[
     if not sites:
         raise ConfigError("repair: the rewritten model has no rewritten sites (no node carries fxrewrite provenance); "
                           "pass the module returned by fxrewrite.rewrite")
-    device = _device(model)
+    device = device_of(model)
     counts = {"batches": 0, "samples": 0}
 
     def batches() -> Iterator[tuple[Any, ...]]:
         n = s = 0
         for item in data:
-            inputs = _to(as_inputs(item, input_fn), device)
-            n, s = n + 1, s + _batch_size(inputs)
+            inputs = to_device(calibration_inputs(item, input_fn), device)
+            n, s = n + 1, s + batch_size_of(inputs)
             yield inputs
         if n == 0:
             raise ConfigError("repair: the calibration data is empty")
@@ -860,7 +719,7 @@ def repair(original: nn.Module, rewritten: torch.fx.GraphModule, data: Iterable[
             model.get_submodule(name).load_state_dict(state)
         after, bn_matched = before, [(name, 0, count) for name, _, count in bn_matched]
     samples = torch.tensor([counts["batches"], counts["samples"]], dtype=torch.float64, device=device)
-    _all_reduce(samples)
+    all_reduce(samples)
     records = []
     for s in sites:
         fit = fits.get(s.name)

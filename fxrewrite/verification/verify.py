@@ -50,9 +50,14 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxrewrite.errors import ConfigError, FxRewriteError, VerificationFailure
 from fxrewrite.graph import shapes
-from fxrewrite.graph.capture import LeafSpec
+from fxrewrite.graph.capture import LeafSpec, as_graph_module
+from fxrewrite.graph.recorder import SubgraphRunner, ValueRecorder
 from fxrewrite.graph.rewriter import PROVENANCE_KEY
 from fxrewrite.graph.shapes import fake_mode
+from fxrewrite.graph.site_nodes import first_input, original_nodes, site_groups
+from fxrewrite.util.formatting import json_float
+from fxrewrite.util.inputs import example_inputs_tuple
+from fxrewrite.util.runtime import device_of, eval_mode, tensors_of
 
 __all__ = [
     "FLOAT_LEVEL", "CostTotals", "ErrorStats", "OutputCheck", "SiteCheck", "TensorMeta", "Verification",
@@ -117,8 +122,8 @@ class ErrorStats:
         return self.nonfinite > 0 or (self.rel_l2 > rtol and self.max_abs > atol)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rel_l2": _json_float(self.rel_l2), "max_abs": _json_float(self.max_abs),
-                "sqnr_db": _json_float(self.sqnr_db), "cosine": _json_float(self.cosine), "numel": self.numel,
+        return {"rel_l2": json_float(self.rel_l2), "max_abs": json_float(self.max_abs),
+                "sqnr_db": json_float(self.sqnr_db), "cosine": json_float(self.cosine), "numel": self.numel,
                 "nonfinite": self.nonfinite}
 
 
@@ -246,7 +251,7 @@ class Verification:
             before = _fmt_shape(s.output_before)
             after = _fmt_shape(s.output_after)
             shape = before if before == after else f"{before} -> {after}"
-            rows.append([s.site, shape, *_fmt_stats(s.local), _fmt_rel(s.accumulated), _fmt_sqnr(s.accumulated),
+            rows.append([s.site, shape, *_fmt_stats(s.local), fmt_rel(s.accumulated), _fmt_sqnr(s.accumulated),
                          _fmt_status(s.status, s.reason)])
         return rows
 
@@ -283,7 +288,7 @@ class Verification:
     def to_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok, "failures": list(self.failures), "level": self.level,
-            "rtol": _json_float(self.rtol), "atol": _json_float(self.atol), "dtype": self.dtype,
+            "rtol": json_float(self.rtol), "atol": json_float(self.atol), "dtype": self.dtype,
             "numerics_checked": self.numerics_checked, "numerics_reason": self.numerics_reason,
             "batches": self.batches, "mode": self.mode,
             "cost_before": self.cost_before.to_dict() if self.cost_before else None,
@@ -305,15 +310,6 @@ def cli_exit_code(verification: Verification) -> int:
 # --------------------------------------------------------------------------------------------- formatting
 
 
-def _json_float(x: float) -> float | str:
-    """JSON has no inf/nan: they are written as the strings "inf", "-inf", "nan" (see report_schema)."""
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return float(x)
-
-
 def _g(x: float) -> str:
     if math.isnan(x):
         return "nan"
@@ -322,7 +318,7 @@ def _g(x: float) -> str:
     return "0" if x == 0 else f"{x:.3g}"
 
 
-def _fmt_rel(e: ErrorStats | None) -> str:
+def fmt_rel(e: ErrorStats | None) -> str:
     if e is None:
         return "-"
     return f"non-finite ({e.nonfinite})" if e.nonfinite else _g(e.rel_l2)
@@ -337,7 +333,7 @@ def _fmt_sqnr(e: ErrorStats | None) -> str:
 def _fmt_stats(e: ErrorStats | None) -> list[str]:
     if e is None:
         return ["-", "-", "-", "-"]
-    return [_fmt_rel(e), _g(e.max_abs), _fmt_sqnr(e), f"{e.cosine:.6f}"]
+    return [fmt_rel(e), _g(e.max_abs), _fmt_sqnr(e), f"{e.cosine:.6f}"]
 
 
 def _fmt_shape(m: TensorMeta | None) -> str:
@@ -362,147 +358,6 @@ def _memory_format(t: torch.Tensor) -> str:
 
 
 # ------------------------------------------------------------------------------------------ graph helpers
-
-
-def _shallow_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A GraphModule sharing ``gm``'s submodules and parameters over a copy of its graph (node meta copied
-    shallowly), so shape propagation can set ``meta["val"]`` without touching the caller's graph."""
-    graph = torch.fx.Graph()
-    graph._codegen = gm.graph._codegen
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    for node in graph.nodes:  # stale values (a rewriter's best-effort metadata) must not pass for propagated ones
-        node.meta.pop("val", None)
-        node.meta.pop("tensor_meta", None)
-    return torch.fx.GraphModule(gm, graph, type(gm).__name__)
-
-
-def as_graph_module(model: nn.Module, *, concrete_args: Mapping[str, Any] | None = None,
-                    leaf_modules: Iterable[LeafSpec] = (),
-                    autowrap_functions: Iterable[Callable[..., Any]] = ()) -> torch.fx.GraphModule:
-    """A GraphModule over ``model`` *without copying its parameters* (``fxrewrite.trace`` deep-copies; the verifier
-    only reads, so a 2.6 GB model is not duplicated). Same leaves and node names as ``fxrewrite.trace``."""
-    from fxrewrite.graph import capture
-    if isinstance(model, torch.fx.GraphModule):
-        return _shallow_graph_module(model)
-    capture._check_traceable_type(model)
-    if isinstance(model, nn.Conv2d):
-        return capture._wrap_single_conv(model)
-    specs = list(leaf_modules)
-    tracer = capture._Tracer(frozenset(s for s in specs if isinstance(s, str)),
-                             tuple(s for s in specs if isinstance(s, type)), tuple(autowrap_functions))
-    try:
-        graph = tracer.trace(model, concrete_args=dict(concrete_args) if concrete_args else None)
-    except Exception as exc:
-        raise capture.TraceFailure(capture._explain(exc, model)) from exc
-    gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
-    if concrete_args:  # as capture.trace does: the specialised values become the defaults
-        capture._default_concrete_placeholders(gm, concrete_args)
-    return gm
-
-
-def _provenance_site(node: torch.fx.Node) -> str | None:
-    prov = node.meta.get(PROVENANCE_KEY)
-    return str(prov["site"]) if isinstance(prov, Mapping) and "site" in prov else None
-
-
-def site_groups(gm: torch.fx.GraphModule, sites: Iterable[str] = ()) -> dict[str, list[torch.fx.Node]]:
-    """Rewritten sites of ``gm`` and their nodes in graph order (the last one produces the site's output).
-
-    A site's nodes are those whose provenance names it (or a site nested in it, such as ``conv.1`` rewritten by a
-    later pass), the ``call_module`` nodes of the modules at its qualified name (a conv whose weights a pass changed
-    in place), and inserted ops (nodes with provenance that are not module calls, such as a channel shuffle shared
-    with another consumer) on its input edge. ``sites`` adds names that carry no provenance node of their own (e.g.
-    from a report's records). Sites are listed in graph order.
-
-    >>> import torch
-    >>> from fxrewrite.graph.capture import trace
-    >>> from fxrewrite.passes import parse_pipeline, PassManager
-    >>> gm = PassManager(parse_pipeline("depthwise-separable"))(trace(torch.nn.Conv2d(4, 4, 3))).graph_module
-    >>> {k: [n.name for n in v] for k, v in site_groups(gm).items()}
-    {'conv': ['conv_0', 'conv_1']}
-    """
-    named = {s for s in (_provenance_site(n) for n in gm.graph.nodes) if s is not None} | set(sites)
-    top = [s for s in named if not any(s.startswith(t + ".") for t in named if t != s)]
-    groups: dict[str, list[torch.fx.Node]] = {}
-    for node in gm.graph.nodes:
-        keys = [k for k in (_provenance_site(node), str(node.target) if node.op == "call_module" else None) if k]
-        for site in top:
-            if any(k == site or k.startswith(site + ".") for k in keys):
-                groups.setdefault(site, []).append(node)
-                break
-    for nodes in groups.values():
-        inp = _first_input(nodes[0])
-        while inp is not None and inp.op != "call_module" and _provenance_site(inp) is not None:
-            nodes.insert(0, inp)
-            inp = _first_input(inp)
-    return groups
-
-
-def _first_input(node: torch.fx.Node) -> torch.fx.Node | None:
-    arg = node.args[0] if node.args else node.kwargs.get("input")
-    return arg if isinstance(arg, torch.fx.Node) else None
-
-
-def _original_nodes(gm: torch.fx.GraphModule, sites: Iterable[str]) -> dict[str, torch.fx.Node]:
-    """For each site, the node of the original graph that computes it (module call, or functional conv node)."""
-    wanted = set(sites)
-    found: dict[str, torch.fx.Node] = {}
-    for node in gm.graph.nodes:
-        key = str(node.target) if node.op == "call_module" else node.name if node.op == "call_function" else None
-        if key in wanted and key not in found:
-            found[key] = node
-    return found
-
-
-class _Runner(torch.fx.Interpreter):
-    """Runs a graph and hands selected node values to ``on_value(node, value)`` as they are produced."""
-
-    def __init__(self, gm: torch.fx.GraphModule, watch: set[str],
-                 on_value: Callable[[torch.fx.Node, Any], None]) -> None:
-        super().__init__(gm, garbage_collect_values=True)
-        self._watch = watch
-        self._on_value = on_value
-        self.current: torch.fx.Node | None = None
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        self.current = n
-        out = super().run_node(n)
-        if n.name in self._watch:
-            self._on_value(n, out)
-        return out
-
-
-class SubgraphRunner:
-    """A connected run of nodes of a graph (a rewritten site, or one original conv) as a callable of one input.
-
-    The nodes are copied into a small GraphModule that shares ``gm``'s submodules and parameters; inputs from
-    outside the run other than ``input_node`` must be ``get_attr`` constants.
-
-    >>> import torch
-    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Tanh()))
-    >>> x_node, relu, tanh, _ = gm.graph.nodes
-    >>> SubgraphRunner(gm, [tanh], relu)(torch.zeros(2)).tolist()
-    [0.0, 0.0]
-    """
-
-    def __init__(self, gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node], input_node: torch.fx.Node) -> None:
-        graph = torch.fx.Graph()
-        env: dict[torch.fx.Node, torch.fx.Node] = {input_node: graph.placeholder("x")}
-        for n in nodes:
-            for a in n.all_input_nodes:
-                if a in env:
-                    continue
-                if a.op != "get_attr":
-                    raise FxRewriteError(f"node {n.name} reads {a.name} ({a.op}) from outside its site; the site "
-                                         "cannot be run on its own")
-                env[a] = graph.node_copy(a)
-            env[n] = graph.node_copy(n, lambda a: env[a])
-        graph.output(env[nodes[-1]])
-        self.module = torch.fx.GraphModule(gm, graph, "Site")
-
-    def __call__(self, x: Any) -> Any:
-        return self.module(x)
 
 
 # ---------------------------------------------------------------------------------------------- numerics
@@ -560,19 +415,6 @@ def error_stats(candidate: torch.Tensor, reference: torch.Tensor) -> ErrorStats:
 
 
 @contextlib.contextmanager
-def _eval_mode(*modules: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode and restore each one's own flag afterwards (BN stats stay untouched)."""
-    flags = [(m, m.training) for root in modules for m in root.modules()]
-    try:
-        for m, _ in flags:  # the flags directly: an unlifted ExportedProgram module refuses .eval()
-            m.training = False
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
-
-
-@contextlib.contextmanager
 def _full_precision() -> Iterator[None]:
     """Turn TF32 off for convolutions and matmuls (CUDA would otherwise round float32 to 10-bit mantissas, and an
     exact rewrite would not meet float level); restore the user's settings afterwards."""
@@ -586,20 +428,9 @@ def _full_precision() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
-def _tensors_of(module: nn.Module) -> Iterator[torch.Tensor]:
-    yield from module.parameters()
-    yield from module.buffers()
-
-
-def _device_of(module: nn.Module) -> torch.device | None:
-    for t in _tensors_of(module):
-        return t.device
-    return None
-
-
-def _numerics_blocker(original: nn.Module, rewritten: nn.Module, inputs: Sequence[Any]) -> str | None:
+def numerics_blocker(original: nn.Module, rewritten: nn.Module, inputs: Sequence[Any]) -> str | None:
     for label, module in (("original", original), ("rewritten", rewritten)):
-        if any(t.device.type == "meta" for t in _tensors_of(module)):
+        if any(t.device.type == "meta" for t in tensors_of(module)):
             return f"the {label} model is on the meta device (no data): shapes and costs only"
     if any(isinstance(x, FakeTensor) for x in inputs if isinstance(x, torch.Tensor)):
         return "the example inputs are FakeTensors (no data): shapes and costs only"
@@ -638,20 +469,20 @@ def _fake_inputs(mode: Any, inputs: Sequence[Any], device: torch.device | None) 
 
 def _propagate(gm: torch.fx.GraphModule, inputs: Sequence[Any], device: torch.device | None) -> _ShapeRun:
     """Fake propagation; where a node needs real values (a data-dependent leaf module), one real run instead, as
-    ``fxrewrite.graph.shapes.propagate_shapes`` does (with a warning; the caller runs it under ``_eval_mode``)."""
+    ``fxrewrite.graph.shapes.propagate_shapes`` does (with a warning; the caller runs it under ``eval_mode``)."""
     from fxrewrite.measure.cost import model_cost
     mode = fake_mode()
     try:
         result = FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*_fake_inputs(mode, inputs, device))
     except Exception as exc:
-        if not shapes._is_data_dependent(exc) or _numerics_blocker(gm, gm, inputs) is not None:
+        if not shapes.is_data_dependent(exc) or numerics_blocker(gm, gm, inputs) is not None:
             raise
         warnings.warn(f"fxrewrite.verify: shape propagation at {_where(gm)} needs real values (data-dependent "
                       "control flow, e.g. in a leaf module); running the model once on the example inputs instead.",
                       stacklevel=3)
         for node in gm.graph.nodes:
             node.meta.pop("val", None)
-        shapes._propagate_real(gm, inputs, mode)
+        shapes.propagate_real(gm, inputs, mode)
         result = gm.graph.output_node().meta["val"]
     leaves, spec = pytree.tree_flatten_with_path(result)
     named = [("output" + pytree.keystr(path), value) for path, value in leaves]
@@ -722,17 +553,10 @@ def _main_dtype(inputs: Sequence[Any], module: nn.Module) -> torch.dtype:
     for x in inputs:
         if isinstance(x, torch.Tensor) and x.is_floating_point():
             return x.dtype
-    for t in _tensors_of(module):
+    for t in tensors_of(module):
         if t.is_floating_point():
             return t.dtype
     return torch.float32
-
-
-def _as_inputs(example_inputs: Any, what: str = "example_inputs") -> tuple[Any, ...]:
-    if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, tuple | list):
-        raise ConfigError(f"{what} must be a tuple of positional inputs, as for torch.export: write (x,) for a "
-                          f"single tensor (got {type(example_inputs).__name__}).")
-    return tuple(example_inputs)
 
 
 def verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, *, rtol: float | None = None,
@@ -748,7 +572,7 @@ def verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, *, rt
     Capture options are used when ``original`` has to be traced. Neither model is modified (each submodule's
     train/eval flag is restored; parameters are never copied).
     """
-    inputs = _as_inputs(example_inputs)
+    inputs = example_inputs_tuple(example_inputs)
     dtype = _main_dtype(inputs, original)
     default_rtol, default_atol = _default_tolerance(dtype)
     rtol = default_rtol if rtol is None else float(rtol)
@@ -761,19 +585,19 @@ def verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, *, rt
                              autowrap_functions=autowrap_functions)
     new_gm = as_graph_module(rewritten)
     groups = site_groups(new_gm, sites)
-    originals = _original_nodes(ref_gm, groups)
+    originals = original_nodes(ref_gm, groups)
     work = [_SiteWork(name, nodes, originals.get(name)) for name, nodes in groups.items()]
     by_name = {w.name: w for w in work}
     model_failures: list[str] = []  # failures not attributable to one site (output failures name a site)
 
-    with _eval_mode(original, rewritten):
+    with eval_mode(original, rewritten):
         try:
-            ref = _propagate(ref_gm, inputs, _device_of(original))
+            ref = _propagate(ref_gm, inputs, device_of(original))
         except Exception as exc:
             raise ConfigError(f"the original model does not run on the example inputs (shape propagation failed "
                               f"at {_where(ref_gm)}): {_first_line(exc)}") from exc
         try:
-            new: _ShapeRun | None = _propagate(new_gm, inputs, _device_of(rewritten))
+            new: _ShapeRun | None = _propagate(new_gm, inputs, device_of(rewritten))
         except Exception as exc:
             new = None
             node = _failing_node(new_gm)
@@ -788,7 +612,7 @@ def verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, *, rt
         outputs = _check_output_shapes(ref, new, output_failures, first_bad)
         timings["shapes"] = time.perf_counter() - start
 
-        blocker = "numerics=False was passed" if not numerics else _numerics_blocker(original, rewritten, inputs)
+        blocker = "numerics=False was passed" if not numerics else numerics_blocker(original, rewritten, inputs)
         if blocker is None and new is None:
             blocker = "the rewritten model failed shape propagation"
         if blocker is None and any(not o.shapes_ok for o in outputs):
@@ -796,7 +620,7 @@ def verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, *, rt
         numeric_batches = 0
         if blocker is None:
             start = time.perf_counter()
-            run_batches = [inputs] if batches is None else [_as_inputs(b, "each batch") for b in batches]
+            run_batches = [inputs] if batches is None else [example_inputs_tuple(b, "each batch") for b in batches]
             out_acc = [_ErrorAccumulator() for _ in outputs]
             with torch.no_grad(), _full_precision():
                 for batch in run_batches:
@@ -882,7 +706,7 @@ def _check_site_shapes(w: _SiteWork, upstream_failed: bool) -> None:
     if w.original is None:
         w.unchecked = "no counterpart in the original graph"
         return
-    in_before, in_after = _node_val(_first_input(w.original)), _node_val(_first_input(w.nodes[0]))
+    in_before, in_after = _node_val(first_input(w.original)), _node_val(first_input(w.nodes[0]))
     out_before, out_after = _node_val(w.original), _node_val(w.nodes[-1])
     in_diff = in_after.mismatch(in_before, memory_format=False) if in_before and in_after else None
     out_diff = out_after.mismatch(out_before, memory_format=False) if out_before and out_after else None
@@ -917,7 +741,7 @@ def _numerics_batch(ref_gm: torch.fx.GraphModule, new_gm: torch.fx.GraphModule, 
         # model (ReLU(inplace=True), x += y) overwrites the tensors themselves before the rewritten model runs.
         rec = recorded[by_orig[node.name].name]
         rec["y"] = _copy_tensors(value)
-        source = _first_input(node)
+        source = first_input(node)
         if source is not None and source in ref_runner.env:
             x = ref_runner.env[source]
             key = (source.name, tuple(t._version for t in pytree.tree_leaves(x) if isinstance(t, torch.Tensor)))
@@ -925,7 +749,7 @@ def _numerics_batch(ref_gm: torch.fx.GraphModule, new_gm: torch.fx.GraphModule, 
                 inputs_seen[key] = _copy_tensors(x)
             rec["x"] = inputs_seen[key]
 
-    ref_runner = _Runner(ref_gm, set(by_orig), on_ref)
+    ref_runner = ValueRecorder(ref_gm, set(by_orig), on_ref)
     try:
         ref_out = ref_runner.run(*batch)
     except Exception as exc:
@@ -942,14 +766,14 @@ def _numerics_batch(ref_gm: torch.fx.GraphModule, new_gm: torch.fx.GraphModule, 
         w.accumulated.add(value, rec["y"])
         if w.runner is None and not w.unchecked:
             try:
-                w.runner = SubgraphRunner(new_gm, w.nodes, _first_input(w.nodes[0]))  # type: ignore[arg-type]
+                w.runner = SubgraphRunner(new_gm, w.nodes, first_input(w.nodes[0]))  # type: ignore[arg-type]
             except FxRewriteError as exc:
                 w.unchecked = str(exc)
         if w.runner is not None and "x" in rec:
             w.local = w.local or _ErrorAccumulator()
             w.local.add(w.runner(rec["x"]), rec["y"])
 
-    runner = _Runner(new_gm, set(by_last), on_new)
+    runner = ValueRecorder(new_gm, set(by_last), on_new)
     try:
         new_out = runner.run(*batch)
     except Exception as exc:
@@ -998,8 +822,8 @@ def _finish_site(w: _SiteWork, ref: _ShapeRun, new: _ShapeRun | None, rtol: floa
     return SiteCheck(
         site=w.name, passes=_passes_of(w), nodes=tuple(n.name for n in w.nodes),
         original_node=w.original.name if w.original is not None else None,
-        input_before=_node_val(_first_input(w.original)) if w.original is not None else None,
-        input_after=_node_val(_first_input(w.nodes[0])),
+        input_before=_node_val(first_input(w.original)) if w.original is not None else None,
+        input_after=_node_val(first_input(w.nodes[0])),
         output_before=_node_val(w.original), output_after=_node_val(w.nodes[-1]),
         shapes_ok=w.shapes_ok, local=local, accumulated=accumulated,
         cost_before=_group_cost(ref.cost, orig_names) if orig_names else None,

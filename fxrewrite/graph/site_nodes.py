@@ -1,0 +1,71 @@
+"""Which nodes belong to which rewritten site: by provenance (the rewriter records the site and pass on every node
+it makes), by module path, and the inserted ops on a site's input edge.
+
+>>> import torch
+>>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Conv2d(2, 2, 1)))
+>>> sorted(original_nodes(gm)), first_input(original_nodes(gm)["1"]).name
+(['0', '1'], '_0')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from fxrewrite.graph.rewriter import PROVENANCE_KEY
+
+
+def provenance_site(node: torch.fx.Node) -> str | None:
+    prov = node.meta.get(PROVENANCE_KEY)
+    return str(prov["site"]) if isinstance(prov, Mapping) and "site" in prov else None
+
+
+def site_groups(gm: torch.fx.GraphModule, sites: Iterable[str] = ()) -> dict[str, list[torch.fx.Node]]:
+    """Rewritten sites of ``gm`` and their nodes in graph order (the last one produces the site's output).
+
+    A site's nodes are those whose provenance names it (or a site nested in it, such as ``conv.1`` rewritten by a
+    later pass), the ``call_module`` nodes of the modules at its qualified name (a conv whose weights a pass changed
+    in place), and inserted ops (nodes with provenance that are not module calls, such as a channel shuffle shared
+    with another consumer) on its input edge. ``sites`` adds names that carry no provenance node of their own (e.g.
+    from a report's records). Sites are listed in graph order.
+
+    >>> import torch
+    >>> from fxrewrite.graph.capture import trace
+    >>> from fxrewrite.passes import parse_pipeline, PassManager
+    >>> gm = PassManager(parse_pipeline("depthwise-separable"))(trace(torch.nn.Conv2d(4, 4, 3))).graph_module
+    >>> {k: [n.name for n in v] for k, v in site_groups(gm).items()}
+    {'conv': ['conv_0', 'conv_1']}
+    """
+    named = {s for s in (provenance_site(n) for n in gm.graph.nodes) if s is not None} | set(sites)
+    top = [s for s in named if not any(s.startswith(t + ".") for t in named if t != s)]
+    groups: dict[str, list[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        keys = [k for k in (provenance_site(node), str(node.target) if node.op == "call_module" else None) if k]
+        for site in top:
+            if any(k == site or k.startswith(site + ".") for k in keys):
+                groups.setdefault(site, []).append(node)
+                break
+    for nodes in groups.values():
+        inp = first_input(nodes[0])
+        while inp is not None and inp.op != "call_module" and provenance_site(inp) is not None:
+            nodes.insert(0, inp)
+            inp = first_input(inp)
+    return groups
+
+
+def first_input(node: torch.fx.Node) -> torch.fx.Node | None:
+    arg = node.args[0] if node.args else node.kwargs.get("input")
+    return arg if isinstance(arg, torch.fx.Node) else None
+
+
+def original_nodes(gm: torch.fx.GraphModule, sites: Iterable[str] | None = None) -> dict[str, torch.fx.Node]:
+    """For each site (every module call and functional call when ``sites`` is None), the first node of the
+    original graph that computes it: the module call at that qualified name, or the functional node of that name."""
+    wanted = None if sites is None else set(sites)
+    found: dict[str, torch.fx.Node] = {}
+    for node in gm.graph.nodes:
+        key = str(node.target) if node.op == "call_module" else node.name if node.op == "call_function" else None
+        if key is not None and (wanted is None or key in wanted) and key not in found:
+            found[key] = node
+    return found
