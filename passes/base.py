@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -51,6 +52,9 @@ class Pass:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    #: the candidate generators this pass offers budgets, by form name (``Target(...)``'s ``forms=``): each maps a
+    #: form's options to an object with ``candidates(site, weight, stats=None)`` (see ``fxrewrite.budget``)
+    budget_forms: ClassVar[Mapping[str, Callable[..., Any]]] = MappingProxyType({})
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         return self.run(gm)
