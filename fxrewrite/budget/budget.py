@@ -78,7 +78,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -93,6 +93,7 @@ from fxrewrite.maths import factorize
 from fxrewrite.maths.im2col import im2col
 from fxrewrite.measure.cost import model_cost
 from fxrewrite.passes import pass_class
+from fxrewrite.passes.candidates import KEEP, Candidate, Form, make_candidate
 from fxrewrite.util.distributed import all_reduce
 from fxrewrite.util.inputs import calibration_inputs, check_reiterable, to_device
 from fxrewrite.util.runtime import device_of, eval_mode
@@ -122,7 +123,6 @@ __all__ = [
     "tucker2_output_errors",
 ]
 
-KEEP = "keep"
 DEFAULT_FORMS = ("depthwise-separable", "grouped-separable", "grouped")
 METHODS = ("auto", "greedy", "dp")
 OBJECTIVES = ("log-cosine", "squared")
@@ -205,53 +205,6 @@ class Target:
         if self.latency is not None:
             out |= {"latency": self.latency, "backend": self.backend}
         return out
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One way to implement a site: ``form`` is a pass's CLI name (``"keep"`` for the original conv) and
-    ``options`` its per-site options; ``macs`` / ``params`` are the site's cost after the change, ``rel_error``
-    the predicted relative error: of the weight, ``||W - W'||_F / ||W||_F`` (data-free), or of the site's output on
-    the calibration data (``choose_plan(..., calibration=...)``); ``latency_ms`` the measured latency of the
-    replacement (latency targets only)."""
-
-    form: str
-    options: Mapping[str, Any]
-    macs: int
-    params: int
-    rel_error: float
-    latency_ms: float | None = None
-
-    def spec(self) -> str:
-        opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
-        return f"{self.form}{{{opts}}}" if opts else self.form
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {"form": self.form, "options": dict(self.options), "macs": self.macs, "params": self.params,
-               "predicted_rel_error": self.rel_error}
-        if self.latency_ms is not None:
-            out["latency_ms"] = self.latency_ms
-        return out
-
-
-def _candidate(form: str, options: Mapping[str, Any], macs: int, params: int, rel_error: float) -> Candidate:
-    return Candidate(form, MappingProxyType(dict(options)), int(macs), int(params), float(rel_error))
-
-
-# ------------------------------------------------------------------------------------------------ candidate forms
-
-
-@runtime_checkable
-class Form(Protocol):
-    """A candidate generator: ``name`` identifies it in ``forms=``; ``pass_name`` is the pass that applies it (the
-    candidates' options are that pass's options); ``candidates`` lists every option set it allows at a site, with
-    cost and predicted error (no module is built). A form that can predict output errors from calibration
-    statistics sets ``calibrated = True`` and accepts ``candidates(site, weight, stats)`` (a ``SiteStats``)."""
-
-    name: str
-    pass_name: str
-
-    def candidates(self, site: ConvSite, weight: Tensor) -> list[Candidate]: ...
 
 
 # ------------------------------------------------------------------------------------- calibration statistics
@@ -606,7 +559,7 @@ def _separable_candidates(form: str, site: ConvSite, weight: Tensor, group_count
     out = []
     for j in np.flatnonzero(_pareto_mask(a)):
         g, r = opts[j]
-        out.append(_candidate(form, {"groups": g, "rank": r} if with_groups else {"rank": r}, int(a[j, 0]),
+        out.append(make_candidate(form, {"groups": g, "rank": r} if with_groups else {"rank": r}, int(a[j, 0]),
                               int(a[j, 1]), float(a[j, 2])))
     return out
 
@@ -675,7 +628,7 @@ class GroupedForm:
                 kept = float(torch.diagonal(energy.reshape(g, o // g, g, i // g).sum(dim=(1, 3))).sum())
                 err = 0.0 if total <= 0.0 else math.sqrt(max(total - kept, 0.0) / total)
             per_pixel = o * (i // g) * k
-            out.append(_candidate(self.pass_name, {"groups": g}, pix * per_pixel, per_pixel + bias, err))
+            out.append(make_candidate(self.pass_name, {"groups": g}, pix * per_pixel, per_pixel + bias, err))
         return out
 
 
@@ -718,7 +671,7 @@ class Tucker2Form:
                 err = 0.0 if r >= full else calibrated[r - 1]
             params = i * r + r * r * k + o * r
             macs = pix_in * i * r + pix_out * (r * r * k + o * r)
-            out.append(_candidate(self.pass_name, {"groups": 1, "rank": r}, macs, params + bias, err))
+            out.append(make_candidate(self.pass_name, {"groups": 1, "rank": r}, macs, params + bias, err))
         return out
 
 
@@ -1313,7 +1266,7 @@ def _infeasible(target: Target, what: str, frac: float, before: float, fixed: fl
 
 def _site_candidates(site: ConvSite, weight: Tensor, forms: Sequence[Form], stats: SiteStats | None
                      ) -> list[Candidate]:
-    cands = [_candidate(KEEP, {}, site.macs, site.params, 0.0)]
+    cands = [make_candidate(KEEP, {}, site.macs, site.params, 0.0)]
     with factorize.one_thread() if stats is None else contextlib.nullcontext():  # calibration: large GEMMs, all threads
         for f in forms:
             cands.extend(f.candidates(site, weight) if stats is None else f.candidates(site, weight, stats))  # type: ignore[call-arg]

@@ -63,13 +63,13 @@ from fxrewrite.errors import ConfigError
 from fxrewrite.graph.sites import ConvSite, ConvSpec
 from fxrewrite.measure.latency import ort_session, time_round_robin
 from fxrewrite.passes import pass_class
+from fxrewrite.passes.candidates import KEEP
 from fxrewrite.util.files import atomic_write_text
 
 __all__ = ["BACKENDS", "KEEP", "LayerConfig", "LayerLatency", "Timer", "build_module", "clear_memory_cache",
            "device_name"]
 
 BACKENDS = ("eager", "channels_last", "onnxruntime", "cuda")
-KEEP = "keep"
 CACHE_ENV = "FXREWRITE_LATENCY_CACHE"
 _FORMAT = "fxrewrite-layer-latency"
 _MEMORY: dict[str, dict[str, Any]] = {}  # key -> {"ms", "reference_ms"} or {"ms", "rounds"}: this process's figures
