@@ -36,8 +36,8 @@ from fxrewrite.tuning.repair import repair
 
 #: fxrewrite form -> (tensorly anchor label, the anchor's groups in the bottleneck core: None = depthwise)
 #: ``--quick``: one separable form and the two with tensorly anchors
-QUICK_FORMS = ("depthwise-separable", "depthwise-bottleneck", "tucker-2")
-ANCHORS: dict[str, tuple[str, int | None]] = {"tucker-2": ("tensorly partial_tucker", 1),
+QUICK_FORMS = ("depthwise-separable", "depthwise-bottleneck", "tucker2")
+ANCHORS: dict[str, tuple[str, int | None]] = {"tucker2": ("tensorly partial_tucker", 1),
                                               "depthwise-bottleneck": ("tensorly parafac (CP)", None)}
 
 

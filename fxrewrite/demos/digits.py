@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from tabulate import tabulate
 from torch import nn
 
-FORMS = ("depthwise-separable", "grouped-separable", "grouped", "depthwise-bottleneck", "tucker-2",
+FORMS = ("depthwise-separable", "grouped-separable", "grouped", "depthwise-bottleneck", "tucker2",
          "grouped-bottleneck")
 #: the pass that applies a form, where its name differs (Tucker-2 is the grouped bottleneck with one group)
-PIPELINES = {"tucker-2": "grouped-bottleneck"}
+PIPELINES = {"tucker2": "grouped-bottleneck"}
 #: opt-in forms (``--forms``): name -> (the form whose costs and options it shares, the pipeline that applies it)
 EXTRA_FORMS = {"grouped-permuted": ("grouped", "grouped{permute=true}")}
 TARGETS = (2.0, 4.0)
@@ -45,7 +45,7 @@ SEPARABLE_GROUPS = 4  # the group count of the grouped-separable and grouped-bot
 def pipeline(form: str) -> str:
     """The pipeline that applies ``form`` (per-site options come from ``choose_options``).
 
-    >>> pipeline("tucker-2"), pipeline("grouped-permuted"), pipeline("grouped")
+    >>> pipeline("tucker2"), pipeline("grouped-permuted"), pipeline("grouped")
     ('grouped-bottleneck', 'grouped{permute=true}', 'grouped')
     """
     return EXTRA_FORMS[form][1] if form in EXTRA_FORMS else PIPELINES.get(form, form)
@@ -178,7 +178,7 @@ def conv_macs(s: ConvShape, form: str | None = None, options: Mapping[str, int] 
         per_pixel = g * r * (i // g) * k + o * (g * r // gs)
     elif form == "grouped":
         per_pixel = o * (i // opts["groups"]) * k
-    elif form in ("depthwise-bottleneck", "tucker-2", "grouped-bottleneck"):  # 1x1 I -> R, kxk R -> R, 1x1 R -> O
+    elif form in ("depthwise-bottleneck", "tucker2", "grouped-bottleneck"):  # 1x1 I -> R, kxk R -> R, 1x1 R -> O
         r = opts["rank"]
         g = r if form == "depthwise-bottleneck" else opts["groups"]
         per_pixel = i * r + r * (r // g) * k + o * r
@@ -201,10 +201,10 @@ def candidate_options(s: ConvShape, form: str) -> list[dict[str, int]]:
     if form == "grouped":
         return [{"groups": g} for g in range(2, s.in_channels + 1)
                 if s.in_channels % g == 0 and s.out_channels % g == 0 and g % s.groups == 0 and g > s.groups]
-    if form in ("depthwise-bottleneck", "tucker-2", "grouped-bottleneck"):
+    if form in ("depthwise-bottleneck", "tucker2", "grouped-bottleneck"):
         from fxrewrite.maths.bottleneck_fit import exact_rank
 
-        groups = {"depthwise-bottleneck": None, "tucker-2": 1, "grouped-bottleneck": SEPARABLE_GROUPS}[form]
+        groups = {"depthwise-bottleneck": None, "tucker2": 1, "grouped-bottleneck": SEPARABLE_GROUPS}[form]
         weight_shape = (s.out_channels, s.in_channels // s.groups, *s.kernel)
         full = exact_rank(weight_shape, groups, source_groups=s.groups)
         step = groups or 1
