@@ -212,7 +212,7 @@ def _write(rows: list[list[Any]], r50_rows: list[list[Any]], timing: list[list[A
                "vs uniform"]
     notes = [*notes,
              "MACs and params are the whole model's, as fractions of the original (1 MAC = one multiply-add); every "
-             "budgeted plan was applied and its cost recomputed by fxrewrite.measure.cost: it equals the plan's and never "
+             "budgeted plan was applied and its cost recomputed by measure.cost: it equals the plan's and never "
              "exceeds the target.",
              "'budget @ same MACs' is choose_plan(Target(macs=f)) with f the uniform plan's MAC fraction (default "
              "forms depthwise-separable, grouped-separable, grouped; default objective log-cosine, sum of "

@@ -2,7 +2,7 @@
 
 For each convolution weight W (O x I x 3 x 3), at equal MACs per output pixel (1 MAC = one multiply-add):
 
-- CP / depthwise bottleneck (``fxrewrite.maths.bottleneck_fit.block_term`` with groups = rank) vs ``tensorly.decomposition.
+- CP / depthwise bottleneck (``maths.bottleneck_fit.block_term`` with groups = rank) vs ``tensorly.decomposition.
   parafac``, at the MACs of depthwise-separable with multiplier 1 (I*K + O*I); reference: the per-input-channel SVD
   depthwise-separable factorisation (multiplier 1) at those MACs;
 - Tucker-2 (``tucker2``) vs ``tensorly.decomposition.partial_tucker`` (modes O and I), at half the MACs; reference:
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> str:
     by_goal = {g: [name for name, got in compared if got == g] for g in ("yes", "error only", "time only", "no")}
     notes += [
         "MACs per output pixel (1 MAC = one multiply-add; FLOPs = 2 x MACs), as a fraction of the dense conv's O*I*K",
-        f"ours: fxrewrite.maths.bottleneck_fit defaults: stop when the relative error falls by less than tol per step on "
+        f"ours: maths.bottleneck_fit defaults: stop when the relative error falls by less than tol per step on "
         f"average over 5 steps (tol={bf.TUCKER_TOL} per HOOI half-sweep for Tucker-2, {bf.ALS_TOL} per ALS sweep "
         f"otherwise), at most {bf.DEFAULT_MAX_ITER} sweeps per stage; sweeps column: all stages, * = the last stopped "
         "by the cap",

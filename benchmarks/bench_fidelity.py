@@ -2,7 +2,7 @@
 Tucker-2 (``partial_tucker``) and CP (``parafac``) as anchors at equal MACs, in one table.
 
 The model is ``fxrewrite.demos.digits``' 4-conv CNN trained on scikit-learn's ``load_digits`` (seeded; no download). For
-each form and target, ``fxrewrite.demos.digits.run_demo`` chooses per-site options meeting the target, rewrites every conv
+each form and target, ``demos.digits.run_demo`` chooses per-site options meeting the target, rewrites every conv
 but the stem and reports: the weight-space relative error ||W - W'|| / ||W|| over the rewritten convs, the relative
 L2 error of the test-set logits, and test accuracy - data-free, after ``fxrewrite.tuning.repair`` (8 unlabelled training
 batches) and after a short ``fxrewrite.tuning.distill``.

@@ -1,4 +1,4 @@
-"""Tests for fxrewrite.graph.capture (and shape propagation): deep copies, semantics kept, and errors that name the user's
+"""Tests for graph.capture (and shape propagation): deep copies, semantics kept, and errors that name the user's
 file:line, torch's message and the fix."""
 
 from __future__ import annotations

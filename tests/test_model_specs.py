@@ -1,4 +1,4 @@
-"""Model specs beyond torchvision and factories, through the CLI (``fxrewrite.frontends.cli.main``): ``timm:NAME``, ``.pt2``
+"""Model specs beyond torchvision and factories, through the CLI (``frontends.cli.main``): ``timm:NAME``, ``.pt2``
 programs, state_dict / safetensors files with ``--arch``, and the refusal of full pickles without ``--unsafe-load``."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests for fxrewrite.frontends.partial: rewriting inside the largest traceable submodules of models that do not trace as a
+"""Tests for frontends.partial: rewriting inside the largest traceable submodules of models that do not trace as a
 whole (lists of images, data-dependent control flow), with the rest left eager and reported."""
 
 from __future__ import annotations

@@ -168,7 +168,7 @@ NUMERIC_SUBSET = (
 )
 
 #: (model, pass kind) pairs whose numeric check is expected to fail, with the reason; those in NUMERIC_SUBSET are
-#: asserted here to fail exactly as stated (``fxrewrite.verification.verify`` reports a failure while the outputs match the
+#: asserted here to fail exactly as stated (``fxrewrite.verify`` reports a failure while the outputs match the
 #: original), the others by benchmarks/zoo_sweep_table.py. None today: the last entries (every model with a
 #: ReLU(inplace=True) right after a conv, whose recorded site outputs the verifier did not clone) were fixed in
 #: fxrewrite/verify.py.

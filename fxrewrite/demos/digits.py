@@ -5,7 +5,7 @@ stratified split with ``random_state=0``; seconds on a CPU), then for each form 
 grouped-separable with 4 groups, grouped, and the bottlenecks: depthwise (CP), Tucker-2, grouped with 4 groups) and
 each MAC target (2x and 4x fewer) rewrites every conv but the stem
 (1 input channel) with per-site options chosen from the conv shapes, and measures test accuracy of the original, the
-data-free rewrite, the repaired rewrite (``fxrewrite.tuning.repair`` on a few unlabelled training batches) and the repaired
+data-free rewrite, the repaired rewrite (``fxrewrite.repair`` on a few unlabelled training batches) and the repaired
 rewrite after a short distillation (``fxrewrite.tuning.distill``, no labels either). The achieved MAC ratio is what the
 rewritten convs' shapes give, never rounded up to the target.
 

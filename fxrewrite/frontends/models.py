@@ -381,7 +381,7 @@ def _few(items: Sequence[str], what: str, shown: int = 3) -> str:
 
 def exported_graph_module(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     """``ep`` as the GraphModule ``fxrewrite.rewrite`` rewrites for it: unlifted, with its eligible ATen
-    convolutions as ``nn.Conv2d`` modules (``fxrewrite.frontends.exported.to_conv_modules``); what ``fxrewrite.plan`` takes."""
+    convolutions as ``nn.Conv2d`` modules (``exported.to_conv_modules``); what ``fxrewrite.plan`` takes."""
     from fxrewrite.frontends.exported import to_conv_modules
     gm = ep.module()
     to_conv_modules(gm, set(ep.graph_signature.parameters))

@@ -19,7 +19,7 @@ natural order, and the blocker says why. Building the graph reads the graph and 
 
 The ATen ops of an unlifted ``torch.export`` program (``aten.relu_.default``, ``aten.add.Tensor``,
 ``aten.hardtanh.default``, ``aten.mean.dim``, ``aten.max_pool2d_with_indices.default`` read through ``getitem``, ...)
-count as the torch functions they implement; ``fxrewrite.frontends.exported`` turns the program's convs and batch norms into
+count as the torch functions they implement; ``frontends.exported`` turns the program's convs and batch norms into
 modules first. ATen ops without a counterpart here (``aten.flatten``, ``aten.view``, ``aten.cat``, ``aten.prelu``,
 an ATen batch norm that ``fxrewrite.frontends.exported`` left alone, ...) are blockers, as their torch counterparts are.
 

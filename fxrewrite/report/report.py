@@ -1,8 +1,8 @@
 """Reports: immutable per-site records and the report that renders them as a table, Markdown and JSON.
 
 A report holds the per-site records of the passes and, after a rewrite, the analytic costs of the whole model
-before and after (``CostComparison``), the verification (``fxrewrite.verification.verify.Verification``) and, on request, the
-measured latency (``fxrewrite.measure.latency.LatencyReport``). ``str(report)`` is the per-site table, a totals block and
+before and after (``CostComparison``), the verification (``Verification``) and, on request, the
+measured latency (``LatencyReport``). ``str(report)`` is the per-site table, a totals block and
 one section per attachment; ``to_markdown()`` the same in Markdown; ``to_dict()``/``to_json()`` follow the
 versioned JSON Schema in ``fxrewrite.report.schema`` (``schema_version`` says which).
 
@@ -125,7 +125,7 @@ class SiteCost:
 
 @dataclass(frozen=True)
 class CostComparison:
-    """Analytic costs (``fxrewrite.measure.cost.model_cost``) of the whole model before and after, and per rewritten site.
+    """Analytic costs (``measure.cost.model_cost``) of the whole model before and after, and per rewritten site.
 
     >>> c = CostComparison(100, 60, 1000, 400, 64, 80, (SiteCost("conv", 90, 50, 900, 300),))
     >>> c.rows()[1]

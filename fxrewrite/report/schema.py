@@ -1,7 +1,7 @@
 """The JSON Schema of ``Report.to_dict()`` / ``to_json()`` and a small validator for the subset of JSON Schema it uses.
 
 The document is versioned: ``schema`` is ``"fxrewrite.report.report"`` and ``schema_version`` is
-``fxrewrite.report.report.SCHEMA_VERSION``; any incompatible change bumps the version (adding an optional field does not).
+``report.SCHEMA_VERSION``; any incompatible change bumps the version (adding an optional field does not).
 Units are stated in the document itself (``units``): MACs are multiply-accumulates (bias not counted), FLOPs = 2 x
 MACs, params are elements, latency is in milliseconds. JSON has no infinity or NaN, so non-finite figures (an SQNR
 of an exact rewrite is ``inf``) are written as the strings ``"inf"``, ``"-inf"``, ``"nan"``.

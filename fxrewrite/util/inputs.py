@@ -4,10 +4,11 @@ from one item of calibration data.
 >>> import torch
 >>> [tuple(t.shape) for t in calibration_inputs(torch.zeros(2, 3))], len(calibration_inputs([1, 2]))
 ([(2, 3)], 2)
->>> example_inputs_tuple(torch.zeros(1))
-Traceback (most recent call last):
-...
-fxrewrite.errors.ConfigError: example_inputs must be a tuple of positional inputs, as for torch.export: write (x,) for a single tensor (got Tensor).
+>>> try:
+...     example_inputs_tuple(torch.zeros(1))
+... except ConfigError as exc:
+...     print(str(exc).split(":")[1].strip())
+write (x,) for a single tensor (got Tensor).
 """
 
 from __future__ import annotations
