@@ -6,31 +6,22 @@
 
 from __future__ import annotations
 
-from fxrewrite.errors import ConfigError
-
-from .base import Pass, PassManager, PassResult
-from .base import parse_pipeline as _parse
 from .bottleneck import DepthwiseBottleneck, GroupedBottleneck
 from .channel_shuffle import ChannelShuffle, channel_shuffle
 from .grouped import Grouped
+from .interface import Pass, PassResult
+from .manager import PassManager
+from .pipeline import parse_pipeline as _parse
+from .registry import REGISTRY, pass_class, register
 from .separable import DepthwiseSeparable, GroupedSeparable
 
-REGISTRY: dict[str, type[Pass]] = {
-    p.name: p
-    for p in (DepthwiseSeparable, GroupedSeparable, Grouped, ChannelShuffle, DepthwiseBottleneck, GroupedBottleneck)
-}
-
-
-def pass_class(name: str) -> type[Pass]:
-    """The registered pass class of a CLI name (``ConfigError`` naming the valid ones when there is none)."""
-    cls = REGISTRY.get(name)
-    if cls is None:
-        raise ConfigError(f"no pass named {name!r} in this fxrewrite; valid passes: {', '.join(sorted(REGISTRY))}")
-    return cls
+for _cls in (DepthwiseSeparable, GroupedSeparable, Grouped, ChannelShuffle, DepthwiseBottleneck, GroupedBottleneck):
+    register(_cls)
+del _cls
 
 
 def parse_pipeline(text: str) -> list[Pass]:
-    """Parse ``"grouped{groups=4},channel-shuffle"`` against the built-in passes."""
+    """Parse ``"grouped{groups=4},channel-shuffle"`` against the registered passes."""
     return _parse(text, REGISTRY)
 
 

@@ -32,7 +32,9 @@ from fxrewrite.graph.select import Rule, Selection
 from fxrewrite.graph.sites import ConvSite, Reason
 from fxrewrite.maths import bottleneck_fit
 
-from .base import Built, ConvRewritePass, Pass, make_conv, sequential
+from .building import make_conv, sequential
+from .conv_rewrite import ConvRewritePass
+from .interface import Built, Pass
 
 INITS = ("svd", "random")
 PASS_NAMES = ("depthwise-bottleneck", "grouped-bottleneck")

@@ -48,7 +48,8 @@ from fxrewrite.graph.sites import ConvSite, find_sites
 from fxrewrite.maths import factorize
 from fxrewrite.report.report import SiteRecord
 
-from .base import Pass, PassResult, wrap_site_error
+from .conv_rewrite import wrap_site_error
+from .interface import Pass, PassResult
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:

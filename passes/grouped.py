@@ -5,9 +5,9 @@ Output block b keeps the weights that see input block b; the rest is dropped. Th
 sqrt(1 - kept). A weight that is already block-diagonal converts exactly. ``init=random`` uses torch's default
 initialisation instead.
 
-``permute=true`` first chooses which channels share a group (``fxrewrite.maths.permutation.search``: the groupings of every
-rewritten site's input and output channels that keep the most energy, never less than the natural order at any
-site) and folds the permutations into the layers around them, so no gather op is added: a permuted channel space is
+``permute=true`` first chooses which channels share a group (``fxrewrite.maths.permutation.search``: the groupings
+of every rewritten site's input and output channels that keep the most energy, never less than the natural order at
+any site) and folds the permutations into the layers around them, so no gather op is added: a permuted channel space is
 a component of the channel-coupling graph (``fxrewrite.graph.coupling``); the dense convs writing it reorder their
 output channels and bias, its batch norms / PReLUs / depthwise convs their per-channel state, and the dense convs
 reading it (the sites among them) their input channels. A component that cannot absorb a permutation exactly (the
@@ -42,7 +42,9 @@ from fxrewrite.graph.sites import ConvSite, Reason, check_groups
 from fxrewrite.maths import factorize, permutation
 from fxrewrite.report.report import SiteRecord
 
-from .base import Built, ConvRewritePass, PassResult, conv_module, make_conv
+from .building import conv_module, make_conv
+from .conv_rewrite import ConvRewritePass
+from .interface import Built, PassResult
 
 INITS = ("block", "random")
 

@@ -37,7 +37,9 @@ from torch import nn
 from fxrewrite.graph.sites import ConvSite, Reason, check_groups
 from fxrewrite.maths import factorize
 
-from .base import Built, ConvRewritePass, make_conv, sequential
+from .building import make_conv, sequential
+from .conv_rewrite import ConvRewritePass
+from .interface import Built
 
 INITS = ("svd", "random")
 LOWERINGS = ("direct", "tile", "repeat")

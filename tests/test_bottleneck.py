@@ -23,8 +23,8 @@ from fxrewrite.graph.capture import trace
 from fxrewrite.graph.shapes import propagate_shapes
 from fxrewrite.maths import bottleneck_fit as bf
 from fxrewrite.passes import REGISTRY, PassManager
-from fxrewrite.passes.base import parse_pipeline
 from fxrewrite.passes.bottleneck import DepthwiseBottleneck, GroupedBottleneck
+from fxrewrite.passes.pipeline import parse_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

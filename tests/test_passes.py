@@ -458,6 +458,6 @@ def test_errors_are_wrapped_with_pass_and_site(monkeypatch: pytest.MonkeyPatch) 
     def broken_rewriter(*args: object, **kwargs: object) -> None:
         raise KeyError("node vanished")
 
-    monkeypatch.setattr("fxrewrite.passes.base.replace_conv", broken_rewriter)
+    monkeypatch.setattr("fxrewrite.passes.conv_rewrite.replace_conv", broken_rewriter)
     with pytest.raises(PassFailure, match=r"pass 'grouped' failed at site '0': KeyError"):
         fxrewrite.rewrite(model, (torch.randn(1, 4, 8, 8),), passes="grouped{groups=2}", verify=False)

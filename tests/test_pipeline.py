@@ -26,7 +26,8 @@ from fxrewrite.passes import (
     PassResult,
     parse_pipeline,
 )
-from fxrewrite.passes.base import Built, ConvRewritePass
+from fxrewrite.passes.conv_rewrite import ConvRewritePass
+from fxrewrite.passes.interface import Built
 from fxrewrite.report.report import SiteRecord
 
 
