@@ -24,7 +24,7 @@ from fxrewrite.errors import ConfigError, FxRewriteError
 from fxrewrite.graph.capture import LeafSpec, check_capture_options, check_traceable_type, trace
 from fxrewrite.graph.select import Rule, parse_rules, resolve
 from fxrewrite.graph.shapes import propagate_shapes
-from fxrewrite.graph.site_nodes import site_groups
+from fxrewrite.graph.site_nodes import nonfinite_weights, site_groups
 from fxrewrite.graph.sites import ConvSite, dropping_hooks, find_sites, hidden_convs
 from fxrewrite.measure.cost import ModelCost, model_cost
 from fxrewrite.measure.latency import LatencyReport, measure_latency
@@ -73,7 +73,7 @@ class _Prepared:
 
 def _prepare(model: nn.Module, example_inputs: Any, passes: PassesArg, select: Any,
              concrete_args: Mapping[str, Any] | None, leaf_modules: Iterable[LeafSpec],
-             autowrap_functions: Iterable[Callable[..., Any]], drop_hooks: bool) -> _Prepared:
+             autowrap_functions: Iterable[Callable[..., Any]], drop_hooks: bool, budget: bool = False) -> _Prepared:
     """Parse the options, trace a copy of ``model`` and propagate shapes. Every configuration error (the pipeline,
     the selectors, the capture options, the example inputs, rules that match no site, what each pass refuses) is
     raised together in one ``ConfigError`` before any pass runs."""
@@ -107,6 +107,9 @@ def _prepare(model: nn.Module, example_inputs: Any, passes: PassesArg, select: A
         with dropping_hooks(gm, drop_hooks):
             for p in pipeline:
                 _collect(errors, p.validate, gm, matched)
+        if pipeline or budget:  # the passes factorise the trained weights: NaN / inf there is the user's to fix
+            chosen = [s for s in sites if not rules or any(r.matches(s) for r in rules)]
+            errors += [ConfigError(message) for message in nonfinite_weights(gm, chosen)]
     unique = list({str(e): e for e in errors}.values())
     if len(unique) == 1:
         raise unique[0]
@@ -154,7 +157,8 @@ class Plan:
         return self.report.records
 
     def __str__(self) -> str:
-        text = sites_table(self.sites)
+        from fxrewrite.passes.registry import eligibility_columns
+        text = sites_table(self.sites, columns=eligibility_columns())
         if self.records:
             return f"{text}\n\n{self.report}"
         hidden = self.report.not_visible_lines()
@@ -171,7 +175,7 @@ class RewriteResult:
     verification: Verification | None = None
     latency: LatencyReport | None = None
     repair: Any = None  # fxrewrite.tuning.repair.RepairResult when calibration data was given
-    budget: Any = None  # fxrewrite.budget.budget.BudgetPlan when a target was given
+    budget: Any = None  # fxrewrite.budget.plan.BudgetPlan when a target was given
 
     @property
     def ok(self) -> bool | None:
@@ -210,7 +214,7 @@ def rewrite_graph(model: nn.Module, example_inputs: Any, passes: PassesArg = Non
     if verify not in (True, False, "shapes"):
         raise ConfigError(f"verify must be True, False or 'shapes', got {verify!r}")
     prep = _prepare(model, example_inputs, passes, select, concrete_args, leaf_modules, autowrap_functions,
-                    drop_hooks)
+                    drop_hooks, budget=target is not None)
     pipeline, gm, inputs = prep.pipeline, prep.gm, prep.inputs
     if verify is True and numerics_blocker(model, model, inputs) is None:
         _warn_if_training(model)
@@ -221,7 +225,8 @@ def rewrite_graph(model: nn.Module, example_inputs: Any, passes: PassesArg = Non
     if target is not None:
         if pipeline:
             raise ConfigError("give either passes= or target=, not both: a target chooses the passes per site")
-        from fxrewrite.budget.budget import DEFAULT_FORMS, choose_plan
+        from fxrewrite.budget.choose import choose_plan
+        from fxrewrite.budget.forms import DEFAULT_FORMS
         with dropping_hooks(gm, drop_hooks):
             budget_plan = choose_plan(gm, target, forms=forms or DEFAULT_FORMS, select=select, calibration=calibration,
                                       input_fn=dict(calibration_options or {}).get("input_fn"))

@@ -13,7 +13,9 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from fxrewrite.graph.patterns import attr_of
 from fxrewrite.graph.rewriter import PROVENANCE_KEY
+from fxrewrite.graph.sites import ConvSite
 
 
 def provenance_site(node: torch.fx.Node) -> str | None:
@@ -69,3 +71,45 @@ def original_nodes(gm: torch.fx.GraphModule, sites: Iterable[str] | None = None)
         if key is not None and (wanted is None or key in wanted) and key not in found:
             found[key] = node
     return found
+
+
+def site_weight(gm: torch.fx.GraphModule, site: ConvSite,
+                nodes: Mapping[str, torch.fx.Node] | None = None) -> torch.Tensor | None:
+    """The weight tensor a conv site multiplies: the module's ``weight``, or the constant a functional conv reads
+    (None when the weight is computed in the graph). ``nodes`` (name -> node) saves a scan per call."""
+    if site.kind == "module":
+        weight = getattr(gm.get_submodule(site.name), "weight", None)
+        return weight if isinstance(weight, torch.Tensor) else None
+    node = (nodes or {n.name: n for n in gm.graph.nodes}).get(site.node)
+    arg = None if node is None else (node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
+    if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+        value = attr_of(arg, gm)
+        return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def nonfinite_weights(gm: torch.fx.GraphModule, sites: Iterable[ConvSite]) -> list[str]:
+    """One sentence per site whose weight holds NaN or infinite values: factorising such a weight fails or spreads
+    the bad values, so a rewrite refuses it before any work.
+
+    >>> conv = torch.nn.Conv2d(2, 2, 3)
+    >>> with torch.no_grad():
+    ...     conv.weight[0, 0, 0, 0] = float("nan")
+    >>> from fxrewrite.graph.capture import trace
+    >>> from fxrewrite.graph.sites import find_sites
+    >>> gm = trace(conv)
+    >>> print(nonfinite_weights(gm, find_sites(gm))[0][:55])
+    site 'conv': weight has 1 non-finite value (NaN or inf)
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out = []
+    for site in sites:
+        weight = site_weight(gm, site, nodes)
+        if weight is None or weight.is_meta or not weight.is_floating_point():
+            continue
+        bad = int((~torch.isfinite(weight.detach())).sum())
+        if bad:
+            out.append(f"site {site.name!r}: weight has {bad} non-finite value{'s' if bad > 1 else ''} (NaN or inf) "
+                       f"of {weight.numel()}; fix the trained weights (or leave the site out with select=) before "
+                       "rewriting")
+    return out
