@@ -1,4 +1,4 @@
-"""Budgets (``fxrewrite.budget.budget``): the budgeted plan against uniform plans at the same MACs, and the time to choose.
+"""Budgets (``fxrewrite.budget``): the budgeted plan against uniform plans at the same MACs, and the time to choose.
 
 1. Digits CNN (``fxrewrite.demos.digits``: trained on scikit-learn's digits, 4 convs, the 1-channel stem is not
    rewritable): for each MAC target, the best uniform plan of each family that meets it (uniform depthwise-separable
@@ -28,7 +28,10 @@ from torch import nn
 
 import fxrewrite
 from benchmarks.common import write_results
-from fxrewrite.budget.budget import DEFAULT_FORMS, BudgetPlan, Target, choose_plan
+from fxrewrite.budget.choose import choose_plan
+from fxrewrite.budget.forms import DEFAULT_FORMS
+from fxrewrite.budget.plan import BudgetPlan
+from fxrewrite.budget.target import Target
 from fxrewrite.demos import digits
 from fxrewrite.graph.capture import trace
 from fxrewrite.graph.shapes import propagate_shapes

@@ -23,8 +23,9 @@ import torchvision
 from torch import nn
 
 from benchmarks.common import write_results
-from fxrewrite.budget.budget import Target, choose_plan
+from fxrewrite.budget.choose import choose_plan
 from fxrewrite.budget.layer_latency import LayerLatency, clear_memory_cache
+from fxrewrite.budget.target import Target
 from fxrewrite.demos import digits
 from fxrewrite.graph.capture import trace
 from fxrewrite.graph.shapes import propagate_shapes

@@ -10,7 +10,7 @@ carrying the trained weights over, and report what changed.
 
 from __future__ import annotations
 
-from fxrewrite.budget.budget import BudgetInfeasible, Target
+from fxrewrite.budget.target import BudgetInfeasible, Target
 from fxrewrite.errors import (
     ConfigError,
     FxRewriteError,

@@ -1,4 +1,4 @@
-"""fxrewrite.budget.budget: targets met and never exceeded (checked with fxrewrite's own cost model on the rewritten graph),
+"""fxrewrite.budget: targets met and never exceeded (checked with fxrewrite's own cost model on the rewritten graph),
 infeasible targets explained, the optimiser against brute force and against uniform-rank plans, predictions against
 what the passes report, and replay of a budgeted rewrite."""
 
@@ -15,8 +15,10 @@ import torchvision
 from torch import nn
 
 import fxrewrite
-from fxrewrite.budget import budget
-from fxrewrite.budget.budget import BudgetInfeasible, Target, choose_plan, optimise
+from fxrewrite.budget.choose import choose_plan
+from fxrewrite.budget.forms import DEFAULT_FORMS, make_form, parse_forms
+from fxrewrite.budget.optimiser import optimise
+from fxrewrite.budget.target import BudgetInfeasible, Target
 from fxrewrite.errors import ConfigError
 from fxrewrite.graph.capture import trace
 from fxrewrite.graph.shapes import propagate_shapes
@@ -72,16 +74,16 @@ def test_target_validation() -> None:
         with pytest.raises(ConfigError, match="Target"):
             Target(**bad)
     with pytest.raises(ConfigError, match="unknown budget form"):
-        budget.make_form("separable")
+        make_form("separable")
     with pytest.raises(ConfigError, match="unknown option 'rank'"):
-        budget.make_form("grouped{rank=2}")
-    form = budget.make_form("grouped-separable{groups=4|8, max_rank=3}")
+        make_form("grouped{rank=2}")
+    form = make_form("grouped-separable{groups=4|8, max_rank=3}")
     assert (form.groups, form.max_rank) == ((4, 8), 3)
-    forms = budget.parse_forms("depthwise-separable{max_rank=2}, grouped{groups=2|4}, tucker2")
+    forms = parse_forms("depthwise-separable{max_rank=2}, grouped{groups=2|4}, tucker2")
     assert [(f.name, f.pass_name) for f in forms] == [("depthwise-separable", "depthwise-separable"),
                                                        ("grouped", "grouped"), ("tucker2", "grouped-bottleneck")]
     with pytest.raises(ConfigError, match="no budget forms"):
-        budget.parse_forms(" , ")
+        parse_forms(" , ")
 
 
 @pytest.mark.parametrize(("name", "fraction"), [("resnet18", 0.5), ("resnet50", 0.5), ("resnet50", 0.3)])
@@ -308,7 +310,7 @@ def test_predictions_match_the_passes_and_the_plan_replays(tmp_path: Path) -> No
     x = torch.randn(2, 8, 8, 8)
     gm = _traced(model, x)
     plan = choose_plan(gm, Target(macs=0.4))
-    assert {c.candidate.form for c in plan.changed} <= set(budget.DEFAULT_FORMS)
+    assert {c.candidate.form for c in plan.changed} <= set(DEFAULT_FORMS)
     result = plan.apply(_traced(model, x))
     for rec in result.records:
         torch.testing.assert_close(rec.rel_error, rec.details["budget_predicted_rel_error"], atol=1e-6, rtol=1e-6)

@@ -17,15 +17,8 @@ import torch
 from torch import nn
 
 import fxrewrite
-from fxrewrite.budget.budget import (
-    BudgetInfeasible,
-    Target,
-    choose_plan,
-    collect_site_stats,
-    grouped_output_error,
-    separable_output_errors,
-    tucker2_output_errors,
-)
+from fxrewrite.budget.calibration import collect_site_stats
+from fxrewrite.budget.choose import choose_plan
 from fxrewrite.budget.layer_latency import (
     LayerConfig,
     LayerLatency,
@@ -33,10 +26,12 @@ from fxrewrite.budget.layer_latency import (
     clear_memory_cache,
     on_rank_grid,
 )
+from fxrewrite.budget.target import BudgetInfeasible, Target
 from fxrewrite.errors import ConfigError
 from fxrewrite.graph.capture import trace
 from fxrewrite.graph.shapes import propagate_shapes
 from fxrewrite.maths import factorize
+from fxrewrite.maths.output_error import grouped_output_error, separable_output_errors, tucker2_output_errors
 from fxrewrite.measure.latency import measure_latency
 
 

@@ -93,7 +93,8 @@ class LayerConfig:
     def of(cls, site: ConvSite) -> LayerConfig:
         """The original conv of ``site`` (its shapes must be known)."""
         if site.input_shape is None:
-            raise ConfigError(f"site {site.name!r} has no input shape: run fxrewrite.graph.shapes.propagate_shapes first")
+            raise ConfigError(f"site {site.name!r} has no input shape: run fxrewrite.graph.shapes.propagate_shapes "
+                              "first")
         dtype = site.dtype if site.dtype != "unknown" else "float32"
         return cls(tuple(int(d) for d in site.input_shape), site.spec, dtype)
 

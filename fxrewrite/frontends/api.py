@@ -85,7 +85,7 @@ def rewrite(model: nn.Module, example_inputs: Any, passes: PassesArg = None, *, 
 
     ``target=fxrewrite.Target(macs=0.5)`` replaces ``passes``: one form and rank/groups per site is chosen
     (data-free, from the weights' spectra, or with ``calibration`` from the output error on those activations; see
-    ``fxrewrite.budget.budget``) so the rewritten model's totals stay within the target with the least predicted error;
+    ``fxrewrite.budget.choose``) so the rewritten model's totals stay within the target with the least predicted error;
     ``forms`` restricts the candidate forms. ``Target(latency=0.5)`` times the layers
     (``fxrewrite.budget.layer_latency``);
     with ``latency=True`` the plan also compares its predicted model latency with the measured one. The chosen

@@ -178,7 +178,7 @@ def _list_passes(as_json: bool) -> str:
 def _run_model_command(args: argparse.Namespace) -> tuple[str, int]:
     import torch
 
-    from fxrewrite.budget.budget import Target
+    from fxrewrite.budget.target import Target
     from fxrewrite.frontends.api import plan, rewrite
     from fxrewrite.frontends.models import example_inputs, exported_graph_module, resolve_model
 
@@ -219,7 +219,7 @@ def _run_model_command(args: argparse.Namespace) -> tuple[str, int]:
                                        dtype=dtype or torch.float32)
     target = forms = None
     if args.target_macs is not None or args.target_params is not None or args.target_latency is not None:
-        from fxrewrite.budget.budget import parse_forms
+        from fxrewrite.budget.forms import parse_forms
         if passes:
             raise UsageError("--target-macs/--target-params/--target-latency choose the passes: do not combine them "
                              "with --pass")
