@@ -30,9 +30,8 @@ from fxrewrite.measure.latency import LatencyReport, measure_latency
 from fxrewrite.report.report import Report, SiteRecord
 from fxrewrite.tuning.distill import DistillResult, distill
 from fxrewrite.tuning.repair import RepairResult, SiteRepair, load_calibration, repair
-
-# the function `verify` shadows the submodule of that name: import its helpers with `from fxrewrite.verification.verify import x`
-from fxrewrite.verification.verify import Verification, verify
+from fxrewrite.verification.result import Verification
+from fxrewrite.verification.verify import verify
 from fxrewrite.version import __version__
 
 __all__ = [

@@ -16,7 +16,10 @@ from torch import nn
 
 import fxrewrite
 from fxrewrite.errors import ConfigError, VerificationFailure
-from fxrewrite.verification.verify import FLOAT_LEVEL, cli_exit_code, error_stats, site_groups
+from fxrewrite.graph.site_nodes import site_groups
+from fxrewrite.verification.numerics import error_stats
+from fxrewrite.verification.records import FLOAT_LEVEL
+from fxrewrite.verification.verify import cli_exit_code
 
 
 def _stats(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:

@@ -30,7 +30,7 @@ from fxrewrite.util.formatting import fmt_int
 if TYPE_CHECKING:
     from fxrewrite.graph.sites import HiddenConv
     from fxrewrite.measure.latency import LatencyReport
-    from fxrewrite.verification.verify import Verification
+    from fxrewrite.verification.result import Verification
 
 SCHEMA_VERSION = 1  # of fxrewrite.report.schema.REPORT_SCHEMA; bump on any incompatible change
 UNITS_NOTE = "MACs: 1 MAC = one multiply-add, bias not counted; FLOPs = 2 x MACs. Params: elements."
@@ -359,7 +359,7 @@ class Report:
 def _fmt_output_error(check: Any) -> str:
     if check is None or check.local is None:
         return "-"
-    from fxrewrite.verification.verify import fmt_rel
+    from fxrewrite.verification.formatting import fmt_rel
     return f"{fmt_rel(check.local)} / {fmt_rel(check.accumulated)}"
 
 

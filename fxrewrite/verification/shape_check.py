@@ -1,0 +1,173 @@
+"""The shape check of a verification: both models propagated with FakeTensors (no real compute; one real run
+where a node needs values), their analytic costs, and the comparison of every model output and every rewritten
+site's boundary shapes.
+
+>>> import torch
+>>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten()))
+>>> run = propagate(gm, [torch.zeros(2, 3, 6, 6)], None)
+>>> run.leaves[0][0], tuple(run.leaves[0][1].shape), cost_totals(run.cost).params
+('output', (2, 128), 224)
+>>> failures = []
+>>> [(c.name, c.shapes_ok, c.after.shape) for c in check_output_shapes(run, run, failures, None)], failures
+([('output', True, (2, 128))], [])
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from fxrewrite.graph import shapes
+from fxrewrite.graph.shapes import fake_mode
+from fxrewrite.graph.site_nodes import first_input
+from fxrewrite.verification.numerics import numerics_blocker
+from fxrewrite.verification.records import CostTotals, OutputCheck, TensorMeta
+from fxrewrite.verification.site_work import SiteWork, passes_of
+
+__all__ = ["ShapeRun", "check_output_shapes", "check_site_shapes", "cost_totals", "failing_node", "failure_point",
+           "group_cost", "node_meta", "propagate"]
+
+
+@dataclass
+class ShapeRun:
+    """The fake-propagated copy of one model: node values, output leaves and costs."""
+
+    gm: torch.fx.GraphModule
+    leaves: list[tuple[str, Any]]
+    spec: Any
+    cost: Any  # ModelCost | None
+
+
+def _fake_inputs(mode: Any, inputs: Sequence[Any], device: torch.device | None) -> list[Any]:
+    out = []
+    for x in inputs:
+        if not isinstance(x, torch.Tensor):
+            out.append(x)
+            continue
+        target = x.device
+        if device is not None and (x.device.type == "meta" or device.type == "meta"):
+            target = device  # a meta model checks shapes with meta inputs and vice versa
+        with mode:
+            out.append(torch.empty_strided(tuple(x.shape), tuple(x.stride()), dtype=x.dtype, device=target,
+                                           requires_grad=x.requires_grad))
+    return out
+
+
+def propagate(gm: torch.fx.GraphModule, inputs: Sequence[Any], device: torch.device | None) -> ShapeRun:
+    """Fake propagation; where a node needs real values (a data-dependent leaf module), one real run instead, as
+    ``fxrewrite.graph.shapes.propagate_shapes`` does (with a warning; the caller runs it under ``eval_mode``)."""
+    from fxrewrite.measure.cost import model_cost
+    mode = fake_mode()
+    try:
+        result = FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*_fake_inputs(mode, inputs, device))
+    except Exception as exc:
+        if not shapes.is_data_dependent(exc) or numerics_blocker(gm, gm, inputs) is not None:
+            raise
+        warnings.warn(f"fxrewrite.verify: shape propagation at {failure_point(gm)} needs real values (data-dependent "
+                      "control flow, e.g. in a leaf module); running the model once on the example inputs instead.",
+                      stacklevel=3)
+        for node in gm.graph.nodes:
+            node.meta.pop("val", None)
+        shapes.propagate_real(gm, inputs, mode)
+        result = gm.graph.output_node().meta["val"]
+    leaves, spec = pytree.tree_flatten_with_path(result)
+    named = [("output" + pytree.keystr(path), value) for path, value in leaves]
+    try:
+        cost = model_cost(gm)
+    except Exception:  # costs are informational here; a graph the cost model cannot read still verifies
+        cost = None
+    return ShapeRun(gm, named, spec, cost)
+
+
+def failing_node(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
+    """The first node that shape propagation left without a value (where it failed), or None."""
+    for node in gm.graph.nodes:
+        if node.op != "output" and "val" not in node.meta:
+            return node
+    return None
+
+
+def failure_point(gm: torch.fx.GraphModule) -> str:
+    """Where shape propagation failed, for a message: ``node <name> (<op> <target>)``."""
+    node = failing_node(gm)
+    if node is None:
+        return "an unknown node"
+    return f"node {node.name} ({node.op} {getattr(node.target, '__name__', node.target)})"
+
+
+def node_meta(node: torch.fx.Node | None) -> TensorMeta | None:
+    """The metadata of a node's propagated value (None for no node or a non-tensor value)."""
+    val = node.meta.get("val") if node is not None else None
+    return TensorMeta.of(val) if isinstance(val, torch.Tensor) else None
+
+
+def cost_totals(cost: Any) -> CostTotals | None:
+    """The totals of a ``ModelCost`` (None stays None)."""
+    return None if cost is None else CostTotals(cost.params, cost.macs, cost.activation_bytes)
+
+
+def group_cost(cost: Any, names: Iterable[str]) -> CostTotals | None:
+    """The totals of the nodes ``names`` in a ``ModelCost`` (None stays None)."""
+    if cost is None:
+        return None
+    wanted = set(names)
+    nodes = [c for c in cost.nodes if c.node in wanted]
+    return CostTotals(sum(c.params for c in nodes), sum(c.macs for c in nodes),
+                      sum(c.activation_bytes for c in nodes))
+
+
+def check_output_shapes(ref: ShapeRun, new: ShapeRun | None, failures: list[str],
+                        first_bad_site: str | None) -> list[OutputCheck]:
+    """The check of every output leaf of ``ref`` against ``new`` (None: the rewritten model failed propagation);
+    each failure is appended to ``failures``, naming ``first_bad_site`` when a site's shapes already differ."""
+    if new is not None and new.spec != ref.spec:
+        failures.append(f"model: the output structure differs: {ref.spec} before, {new.spec} after the rewrite")
+    after = dict(new.leaves) if new is not None else {}
+    checks = []
+    for name, value in ref.leaves:
+        before = TensorMeta.of(value) if isinstance(value, torch.Tensor) else None
+        other = after.get(name)
+        now = TensorMeta.of(other) if isinstance(other, torch.Tensor) else None
+        if before is None:  # a non-tensor output: it must be the same value
+            ok = new is not None and name in after and (isinstance(other, torch.Tensor) or other == value)
+            reason = "" if ok else f"non-tensor output {value!r} became {other!r}"
+        elif now is None:
+            ok, reason = False, "missing in the rewritten model" if new is not None else "not computed"
+        else:
+            diff = now.mismatch(before)
+            ok, reason = diff is None, diff or ""
+        if not ok and new is not None:
+            if first_bad_site is not None:
+                reason += f"; first differs at site {first_bad_site}"
+            failures.append(f"{name}: {reason}")
+        checks.append(OutputCheck(name, before, now, ok, None, "ok" if ok else "failed", reason))
+    return checks
+
+
+def check_site_shapes(w: SiteWork, upstream_failed: bool) -> None:
+    """Boundary shapes of one site. An input that already differs because an earlier site broke is reported on
+    this site but blamed on that one (the failure message names the site whose output first differs)."""
+    if w.original is None:
+        w.unchecked = "no counterpart in the original graph"
+        return
+    in_before, in_after = node_meta(first_input(w.original)), node_meta(first_input(w.nodes[0]))
+    out_before, out_after = node_meta(w.original), node_meta(w.nodes[-1])
+    in_diff = in_after.mismatch(in_before, memory_format=False) if in_before and in_after else None
+    out_diff = out_after.mismatch(out_before, memory_format=False) if out_before and out_after else None
+    if not in_diff and not out_diff:
+        return
+    w.shapes_ok = False
+    if in_diff and upstream_failed:
+        w.unchecked = f"its input changed upstream ({in_diff})"
+        return
+    by = ", ".join(passes_of(w))
+    if in_diff:
+        w.failures.append(f"site {w.name}: input {in_diff} (rewritten by {by})")
+    if out_diff:
+        w.failures.append(f"site {w.name}: output {out_diff} (rewritten by {by})")
