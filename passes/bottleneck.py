@@ -33,7 +33,7 @@ from fxrewrite.graph.sites import ConvSite, Reason
 from fxrewrite.maths import bottleneck_fit
 
 from .building import make_conv, sequential
-from .conv_rewrite import ConvRewritePass
+from .conv_rewrite import RANDOM_INIT, ConvRewritePass
 from .interface import Built, Pass
 
 INITS = ("svd", "random")
@@ -101,6 +101,7 @@ class _Bottleneck(ConvRewritePass):
     """Shared validation and the already-a-bottleneck check (which needs the graph, so it hooks ``_sites``)."""
 
     kind = "depthwise-separable"  # same blockers: 1x1 kernels, depthwise convs, one input channel per group
+    structure_options = RANDOM_INIT
 
     def _validate(self, rank: int | str, init: str, tol: float | str, max_iter: int) -> None:
         self._require(rank == "exact" or _is_positive_int(rank),

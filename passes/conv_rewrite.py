@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -32,6 +33,8 @@ from .interface import Built, Pass, PassResult
 #: Reason codes that mean "this group count cannot be used at this site": an error, not a skip, for a site that a
 #: rule names exactly (the user asked for that layer and that count).
 GROUP_COUNT_CODES = frozenset({"channels-not-divisible", "groups-incompatible"})
+#: ``structure_options`` of a pass whose ``init=random`` builds its structure with torch's default initialisation
+RANDOM_INIT: Mapping[str, Any] = MappingProxyType({"init": "random"})
 
 
 @contextlib.contextmanager
@@ -57,13 +60,29 @@ def wrap_site_error(pass_name: str, site: str) -> Iterator[None]:
 class ConvRewritePass(Pass):
     """Template for passes that replace a Conv2d site by cheaper convolutions.
 
-    Subclasses set ``kind`` (a rewrite kind from ``fxrewrite.graph.sites.REWRITE_KINDS``) and implement ``check`` (the
-    option-specific eligibility) and ``build`` (the replacement, from the trained weight).
+    Subclasses implement ``build`` (the replacement, from the trained weight) and ``check`` (the option-specific
+    eligibility), and may set ``kind`` (a structural rewrite kind from ``fxrewrite.graph.sites.REWRITE_KINDS``, whose
+    site-level check then runs first).
     """
 
+    #: the structural rewrite kind whose site-level check (``ConvSite.reason_for``) applies before ``check``; empty
+    #: for a pass whose ``check`` says everything
     kind: ClassVar[str] = ""
 
+    @classmethod
+    def eligibility(cls, site: ConvSite) -> Reason | None:
+        """The blocker, else the kind-level verdict (``site.reason_for(kind)``), else ``check`` with the default
+        options."""
+        if site.blocker is not None or cls.kind:
+            return site.blocker or site.reason_for(cls.kind)
+        try:
+            default = cls()
+        except (TypeError, ConfigError):  # required options: no default configuration to judge
+            return None
+        return default.check(site)
+
     def check(self, site: ConvSite) -> Reason | None:
+        """Why this pass, with these options, cannot rewrite ``site`` (None: it can)."""
         return None
 
     def build(self, site: ConvSite, conv: nn.Conv2d) -> Built:
@@ -80,7 +99,7 @@ class ConvRewritePass(Pass):
                 raise ConfigError(f"rule {selection.rule.describe() if selection.rule else ''!r} sets options "
                                   f"{unknown} that pass {self.name!r} does not have; valid: {sorted(self.options())}")
             effective = dataclasses.replace(self, **selection.options)
-        reason = site.blocker or site.reason_for(self.kind)
+        reason = site.blocker or (site.reason_for(self.kind) if self.kind else None)
         if reason is None or reason.code == "channels-not-divisible":
             # the kind-level check used default options; the pass re-checks with its actual ones
             reason = effective.check(site)  # type: ignore[attr-defined]

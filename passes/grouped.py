@@ -43,7 +43,7 @@ from fxrewrite.maths import factorize, permutation
 from fxrewrite.report.report import SiteRecord
 
 from .building import conv_module, make_conv
-from .conv_rewrite import ConvRewritePass
+from .conv_rewrite import RANDOM_INIT, ConvRewritePass
 from .interface import Built, PassResult
 
 INITS = ("block", "random")
@@ -58,6 +58,8 @@ class Grouped(ConvRewritePass):
     description = ("Conv2d -> Conv2d(groups=g), keeping the block-diagonal part of the trained weight; permute=true "
                    "chooses the channel grouping that keeps the most and folds it into neighbouring layers")
     kind = "grouped"
+    eligibility_column = "grouped"
+    structure_options = RANDOM_INIT
     groups: int = 4
     init: str = "block"
     permute: bool = False

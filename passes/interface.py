@@ -22,7 +22,7 @@ from torch import nn
 
 from fxrewrite.errors import ConfigError
 from fxrewrite.graph.select import Rule, resolve
-from fxrewrite.graph.sites import find_sites
+from fxrewrite.graph.sites import ConvSite, Reason, find_sites
 from fxrewrite.report.report import SiteRecord
 
 
@@ -37,13 +37,29 @@ class PassResult:
 
 @dataclass(frozen=True)
 class Pass:
-    """Base of all passes. Subclasses set ``name`` and ``description`` and declare options as fields."""
+    """Base of all passes. Subclasses set ``name`` and ``description`` and declare options as fields; what the rest
+    of fxrewrite needs to know about a pass is declared here, on the class, and read through the registry
+    (``fxrewrite.passes.register``)."""
 
+    #: the CLI name (``"grouped"`` in ``"grouped{groups=4}"``): unique among the registered passes
     name: ClassVar[str] = ""
+    #: one line for ``fxrewrite passes``
     description: ClassVar[str] = ""
     #: the candidate generators this pass offers budgets, by form name (``Target(...)``'s ``forms=``): each maps a
-    #: form's options to an object with ``candidates(site, weight, stats=None)`` (see ``fxrewrite.budget``)
+    #: form's options to an object with ``candidates(site, weight, stats=None)`` (``fxrewrite.passes.candidates``)
     budget_forms: ClassVar[Mapping[str, Callable[..., Any]]] = MappingProxyType({})
+    #: option values that build the same structure without computing weights (e.g. ``{"init": "random"}``):
+    #: ``apply_plan`` / ``load_rewritten`` rebuild a saved rewrite with them, then load the saved weights
+    structure_options: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    #: header of this pass's column in the dry-run eligibility table (``fxrewrite plan`` without passes), whose
+    #: cells are ``eligibility(site)``; empty: no column
+    eligibility_column: ClassVar[str] = ""
+
+    @classmethod
+    def eligibility(cls, site: ConvSite) -> Reason | None:
+        """Whether this pass, with its default options, could rewrite ``site``: None, or the reason it could not.
+        This base only knows the site's blocker (what stops every rewrite)."""
+        return site.blocker
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         return self.run(gm)

@@ -29,16 +29,23 @@ small maps (256 x 14x14), but not reliably for large maps in contiguous layout n
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from types import MappingProxyType
 
+import numpy as np
 import torch
 from torch import nn
 
 from fxrewrite.graph.sites import ConvSite, Reason, check_groups
 from fxrewrite.maths import factorize
+from fxrewrite.maths.output_error import SiteStats, separable_output_errors
+from fxrewrite.maths.spectra import group_spectra, pareto_mask, tail_errors
 
 from .building import make_conv, sequential
-from .conv_rewrite import ConvRewritePass
+from .candidates import Candidate, make_candidate
+from .conv_rewrite import RANDOM_INIT, ConvRewritePass
+from .costs import positions
 from .interface import Built
 
 INITS = ("svd", "random")
@@ -132,6 +139,8 @@ class DepthwiseSeparable(ConvRewritePass):
     name = "depthwise-separable"
     description = "Conv2d -> depthwise kxk (multiplier rank) + 1x1, from a per-input-channel SVD of the weight"
     kind = "depthwise-separable"
+    eligibility_column = "dw-sep"
+    structure_options = RANDOM_INIT
     rank: int | str = 1
     init: str = "svd"
     lowering: str = "direct"
@@ -153,6 +162,8 @@ class GroupedSeparable(ConvRewritePass):
     name = "grouped-separable"
     description = "Conv2d -> grouped kxk (g groups, rank outputs each) + 1x1, from a per-group SVD of the weight"
     kind = "grouped-separable"
+    eligibility_column = "grouped-sep"
+    structure_options = RANDOM_INIT
     groups: int = 4
     rank: int | str = 4
     init: str = "svd"
@@ -171,3 +182,86 @@ class GroupedSeparable(ConvRewritePass):
 
     def build(self, site: ConvSite, conv: nn.Conv2d) -> Built:
         return _separable(site, conv, self.groups, self.rank, self.init, self.lowering)
+
+
+# ------------------------------------------------------------------------------------------------ budget forms
+
+
+def _separable_candidates(form: str, site: ConvSite, weight: torch.Tensor, group_counts: Iterable[int],
+                          max_rank: int | None, with_groups: bool, stats: SiteStats | None = None
+                          ) -> list[Candidate]:
+    """Every (group count, rank) of a (grouped-)separable rewrite at ``site`` that no other one dominates in MACs,
+    parameters and predicted error (the weight error from the spectra, or the output error from ``stats``)."""
+    s = site.spec
+    i, o, k, big_g = s.in_channels, s.out_channels, s.kernel_size[0] * s.kernel_size[1], s.groups
+    bias = o if s.bias else 0
+    group_counts = list(group_counts)
+    if not group_counts:
+        return []
+    pix = positions(site.output_shape, o)
+    if stats is None:
+        total = float(weight.detach().to(torch.float64).square().sum())
+        spectra = group_spectra(weight, big_g, group_counts)
+    rows, opts = [], []
+    for g in group_counts:
+        errors = tail_errors(spectra[g], total) if stats is None else separable_output_errors(stats, g)
+        full = min(o // big_g, (i // g) * k)
+        top = full if max_rank is None else min(full, max_rank)
+        r = np.arange(1, top + 1)
+        per_pixel = g * r * (i // g) * k + o * (g * r // big_g)
+        err = np.where(r >= full, 0.0, errors[np.minimum(r, len(errors) - 1)])
+        rows.append(np.stack([pix * per_pixel, per_pixel + bias, err], axis=1).astype(np.float64))
+        opts.extend((g, int(x)) for x in r)
+    a = np.concatenate(rows)
+    out = []
+    for j in np.flatnonzero(pareto_mask(a)):
+        g, r = opts[j]
+        out.append(make_candidate(form, {"groups": g, "rank": r} if with_groups else {"rank": r}, int(a[j, 0]),
+                                  int(a[j, 1]), float(a[j, 2])))
+    return out
+
+
+@dataclass(frozen=True)
+class DepthwiseSeparableForm:
+    """Budget form ``depthwise-separable``: ``depthwise-separable{rank=T}`` for T = 1 .. the exact rank (or
+    ``max_rank``).
+
+    >>> DepthwiseSeparableForm(max_rank=2)
+    DepthwiseSeparableForm(max_rank=2, name='depthwise-separable', pass_name='depthwise-separable')
+    """
+
+    max_rank: int | None = None
+    name: str = "depthwise-separable"
+    pass_name: str = "depthwise-separable"
+    calibrated = True  # predicts output errors from calibration statistics
+
+    def candidates(self, site: ConvSite, weight: torch.Tensor, stats: SiteStats | None = None) -> list[Candidate]:
+        if site.blocker is not None or site.reason_for("depthwise-separable") is not None:
+            return []
+        return _separable_candidates(self.pass_name, site, weight, [site.spec.in_channels], self.max_rank, False,
+                                     stats)
+
+
+@dataclass(frozen=True)
+class GroupedSeparableForm:
+    """Budget form ``grouped-separable``: ``grouped-separable{groups=g, rank=r}`` for every valid g (or those in
+    ``groups``) below in_channels (g = in_channels is depthwise-separable) and r = 1 .. the exact rank (or
+    ``max_rank``)."""
+
+    groups: tuple[int, ...] | None = None
+    max_rank: int | None = None
+    name: str = "grouped-separable"
+    pass_name: str = "grouped-separable"
+    calibrated = True
+
+    def candidates(self, site: ConvSite, weight: torch.Tensor, stats: SiteStats | None = None) -> list[Candidate]:
+        if site.blocker is not None or site.reason_for("grouped-separable") is not None:
+            return []
+        s = site.spec
+        options = self.groups if self.groups is not None else range(2, s.in_channels)
+        valid = [g for g in options if g != s.groups and g >= 1 and check_groups(site, g, out_divisible=False) is None]
+        return _separable_candidates(self.pass_name, site, weight, valid, self.max_rank, True, stats)
+
+
+DepthwiseSeparable.budget_forms = MappingProxyType({"depthwise-separable": DepthwiseSeparableForm})
+GroupedSeparable.budget_forms = MappingProxyType({"grouped-separable": GroupedSeparableForm})

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -30,7 +30,7 @@ from fxrewrite.measure.cost import ModelCost, model_cost
 from fxrewrite.measure.latency import LatencyReport, measure_latency
 from fxrewrite.report.report import CostComparison, Report, SiteCost, SiteRecord
 from fxrewrite.report.site_table import sites_table
-from fxrewrite.util.inputs import example_inputs_tuple
+from fxrewrite.util.inputs import check_calibration, check_reiterable, example_inputs_tuple
 from fxrewrite.verification.verify import Verification, numerics_blocker
 from fxrewrite.verification.verify import verify as verify_rewrite
 
@@ -98,7 +98,10 @@ def _prepare(model: nn.Module, example_inputs: Any, passes: PassesArg, select: A
         if not errors:
             raise
     if gm is not None and inputs is not None:
-        _collect(errors, propagate_shapes, gm, inputs)
+        counted = len(errors)
+        _collect(errors, check_input_count, gm, inputs, type(model).__name__)
+        if len(errors) == counted:
+            _collect(errors, propagate_shapes, gm, inputs)
     if gm is not None:
         sites = find_sites(gm)
         if rules:
@@ -123,6 +126,20 @@ def _prepare(model: nn.Module, example_inputs: Any, passes: PassesArg, select: A
 # Modules whose forward depends on the training flag: batch / instance norm (batch statistics, running-stat updates),
 # dropout, randomised leaky ReLU.
 _TRAIN_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd, nn.RReLU)
+
+
+def check_input_count(gm: torch.fx.GraphModule, inputs: Sequence[Any], model_name: str) -> None:
+    """The example inputs fill the traced forward's positional inputs: not more, and not fewer than it requires."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if any(str(n.target).startswith("*") for n in placeholders):
+        return  # *args / **kwargs: any count may be right
+    required = sum(1 for n in placeholders if not n.args)
+    if required <= len(inputs) <= len(placeholders):
+        return
+    takes = f"{required}" if required == len(placeholders) else f"{required} to {len(placeholders)}"
+    names = ", ".join(str(n.target) for n in placeholders)
+    raise ConfigError(f"{model_name}.forward takes {takes} input{'s' if len(placeholders) != 1 else ''} ({names}), "
+                      f"got {len(inputs)}")
 
 
 def _warn_if_training(model: nn.Module) -> None:
@@ -216,6 +233,9 @@ def rewrite_graph(model: nn.Module, example_inputs: Any, passes: PassesArg = Non
     prep = _prepare(model, example_inputs, passes, select, concrete_args, leaf_modules, autowrap_functions,
                     drop_hooks, budget=target is not None)
     pipeline, gm, inputs = prep.pipeline, prep.gm, prep.inputs
+    if calibration is not None:
+        check_reiterable(calibration)
+        check_calibration(calibration, inputs, dict(calibration_options or {}).get("input_fn"))
     if verify is True and numerics_blocker(model, model, inputs) is None:
         _warn_if_training(model)
     hidden = tuple(hidden_convs(gm, model))  # before the passes: they only replace sites

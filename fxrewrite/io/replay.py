@@ -1,9 +1,10 @@
 """Replayable rewrite plans: rebuild a rewritten architecture on a freshly built model, then load its weights.
 
 A ``RewritePlan`` lists, in application order, every site a rewrite changed with the pass and the effective options
-used there. ``apply_plan(fresh_model, plan)`` re-runs those passes restricted to exactly those sites, building the
-new modules with ``init=random`` (structure only, no factorisation), so the result has the same state_dict keys and
-shapes as the rewritten module and ``load_state_dict(saved, strict=True)`` restores it. With weights saved as
+used there. ``apply_plan(fresh_model, plan)`` re-runs those passes (looked up in the pass registry) restricted to
+exactly those sites, building the new modules with each pass's ``structure_options`` (e.g. ``init=random``: structure
+only, no factorisation), so the result has the same state_dict keys and shapes as the rewritten module and
+``load_state_dict(saved, strict=True)`` restores it. With weights saved as
 safetensors (``fxrewrite.save(..., "model.safetensors")``) nothing needs ``torch.load(weights_only=False)``.
 
 >>> import torch, fxrewrite
@@ -37,8 +38,6 @@ from fxrewrite.util.files import atomic_write_text
 SCHEMA = "fxrewrite.plan"
 SCHEMA_VERSION = 1
 REPLAYED_STATUSES = ("rewritten",)
-#: option values that build the same structure without computing weights, per option name
-STRUCTURE_ONLY = {"init": "random"}
 
 
 class PlanMismatch(FxRewriteError):
@@ -151,6 +150,8 @@ def plan_from_result(result: Any) -> RewritePlan:
 
 
 def _structure_pass(entry: PlanEntry) -> Any:
+    """The entry's pass from the registry, with the entry's options and the pass's ``structure_options`` (which
+    build the same modules without computing weights: the saved weights are loaded over them)."""
     from fxrewrite.passes import REGISTRY
     cls = REGISTRY.get(entry.pass_name)
     if cls is None:
@@ -162,7 +163,7 @@ def _structure_pass(entry: PlanEntry) -> Any:
     if unknown:
         raise PlanMismatch(f"plan entry {entry.site!r}: pass {entry.pass_name!r} has no options {unknown}; the plan "
                            "was written by a different fxrewrite version.")
-    options |= {k: v for k, v in STRUCTURE_ONLY.items() if k in fields}
+    options |= dict(cls.structure_options)
     return cls(**options)
 
 
