@@ -42,6 +42,7 @@ from torch import nn
 from benchmarks.common import write_results
 from fxrewrite.maths import bottleneck_fit as bf
 from fxrewrite.maths import factorize
+from fxrewrite.maths.block_term_als import SINGLE_MIN_ERROR
 
 PARAFAC_MAX = 256 * 256  # O*I above which parafac is not run (minutes per layer)
 
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> str:
         f"ours, CP: ALS on the weight from the HOSVD start when O*I*K*R < {bf.SMALL_FIT_MACS} (per-call overhead "
         "dominates, the compression would save no time); larger fits first on the rank-R HOSVD core (its products "
         f"with the core in float32 when they take >= {bf.SMALL_FIT_MACS} MACs and the error is above "
-        f"{bf.SINGLE_MIN_ERROR}; Grams, solves, errors in float64), then on the weight in float64; the reported "
+        f"{SINGLE_MIN_ERROR}; Grams, solves, errors in float64), then on the weight in float64; the reported "
         "error is always the float64 dense one",
         f"tensorly {tl_version} defaults, numpy backend, float64: partial_tucker(init='svd', tol=1e-4, "
         "n_iter_max=100), parafac(init='svd', tol=1e-8, n_iter_max=100), random_state=0; parafac not run for O*I "

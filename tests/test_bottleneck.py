@@ -22,6 +22,8 @@ from fxrewrite.errors import ConfigError
 from fxrewrite.graph.capture import trace
 from fxrewrite.graph.shapes import propagate_shapes
 from fxrewrite.maths import bottleneck_fit as bf
+from fxrewrite.maths.block_term_als import cp_als
+from fxrewrite.maths.bottleneck_factors import Unfolded, dense_oki, fit_error
 from fxrewrite.passes import REGISTRY, PassManager
 from fxrewrite.passes.bottleneck import DepthwiseBottleneck, GroupedBottleneck
 from fxrewrite.passes.pipeline import parse_pipeline
@@ -211,16 +213,16 @@ def test_cp_sweeps_with_float32_products_track_the_float64_ones() -> None:
     """The CP stage on a large HOSVD core takes its products with the weight in float32: from the same start, the
     same number of sweeps lands within float32 rounding of the float64 result."""
     w3 = _decaying(24, 20, 3, 3, seed=5).reshape(24, 20, 9)
-    unf = bf._Unfolded(w3)
+    unf = Unfolded(w3)
     g = torch.Generator().manual_seed(0)
     start = (torch.randn(24, 6, 1, generator=g, dtype=torch.float64), torch.zeros(6, 1, 1, 9, dtype=torch.float64),
              torch.randn(20, 6, 1, generator=g, dtype=torch.float64))
     (_, double, e_double, n_double, _), (_, single, e_single, n_single, _) = (
-        bf._cp_als(unf, start, 0.0, 12, fit_core=True, offset2=0.0, ref2=unf.norm2, single=s) for s in (False, True))
+        cp_als(unf, start, 0.0, 12, fit_core=True, offset2=0.0, ref2=unf.norm2, single=s) for s in (False, True))
     assert n_double == n_single == 12 and e_single == pytest.approx(e_double, rel=1e-6)
-    err_double, err_single = bf._fit_error(unf, double), bf._fit_error(unf, single)
+    err_double, err_single = fit_error(unf, double), fit_error(unf, single)
     assert err_double < 0.9 * e_double and err_single == pytest.approx(err_double, rel=1e-5)
-    gap = float((bf._dense_oki(single) - bf._dense_oki(double)).norm())
+    gap = float((dense_oki(single) - dense_oki(double)).norm())
     assert 0 < gap < 1e-5 * float(w3.norm())  # not bit-identical: the float32 products were really used
 
 
@@ -229,12 +231,12 @@ def test_cp_sweeps_switch_to_float64_products_near_an_exact_fit() -> None:
     exact CP tensor): below SINGLE_MIN_ERROR the sweeps go on in float64 and reach the float64 fit's accuracy."""
     g = torch.Generator().manual_seed(0)
     u, v, c = (torch.randn(n, 3, generator=g, dtype=torch.float64) for n in (12, 10, 9))
-    unf = bf._Unfolded(torch.einsum("or,ir,kr->oik", u, v, c))
+    unf = Unfolded(torch.einsum("or,ir,kr->oik", u, v, c))
     start = (u.reshape(12, 3, 1) + 0.1 * torch.randn(12, 3, 1, generator=g, dtype=torch.float64),
              torch.zeros(3, 1, 1, 9, dtype=torch.float64),
              v.reshape(10, 3, 1) + 0.1 * torch.randn(10, 3, 1, generator=g, dtype=torch.float64))
-    errors = [bf._fit_error(unf, bf._cp_als(unf, start, 0.0, 40, fit_core=True, offset2=0.0, ref2=unf.norm2,
-                                             single=s)[1]) for s in (False, True)]
+    errors = [fit_error(unf, cp_als(unf, start, 0.0, 40, fit_core=True, offset2=0.0, ref2=unf.norm2,
+                                    single=s)[1]) for s in (False, True)]
     assert errors[0] < 1e-7 and errors[1] < 1e-6, errors
 
 
