@@ -65,3 +65,42 @@ def batch_size_of(inputs: tuple[Any, ...]) -> int:
     """The size of dim 0 of the first tensor with a batch dimension (1 when there is none)."""
     t = next((x for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
     return int(t.shape[0]) if t is not None else 1
+
+
+def _describe(shape: Sequence[int]) -> str:
+    return "(" + ",".join(str(int(d)) for d in shape) + ")"
+
+
+def check_calibration(data: Iterable[Any], example_inputs: Sequence[Any], input_fn: InputFn | None = None) -> None:
+    """Every calibration batch must look like the example inputs (same number of inputs, same rank, same channel
+    count on dim 1; batch and spatial sizes may differ) and hold only finite values: checked in one pass over the
+    data before any fit, so a wrong file is a ``ConfigError`` instead of a failure deep inside a rewritten layer.
+
+    >>> check_calibration([(torch.zeros(4, 3, 8, 8),)], (torch.zeros(1, 3, 16, 16),))
+    >>> try:
+    ...     check_calibration([(torch.zeros(4, 1, 8, 8),)], (torch.zeros(1, 3, 16, 16),))
+    ... except ConfigError as exc:
+    ...     print(exc)
+    calibration batch 0, input 0 has shape (4,1,8,8); the model takes (N,3,H,W) like its example input (1,3,16,16)
+    """
+    for i, item in enumerate(data):
+        batch = calibration_inputs(item, input_fn)
+        if len(batch) != len(example_inputs):
+            raise ConfigError(f"calibration batch {i} has {len(batch)} input(s); the model takes "
+                              f"{len(example_inputs)} like its example inputs")
+        for j, (x, ref) in enumerate(zip(batch, example_inputs, strict=True)):
+            if not isinstance(ref, torch.Tensor):
+                continue
+            if not isinstance(x, torch.Tensor):
+                raise ConfigError(f"calibration batch {i}, input {j} is a {type(x).__name__}; the model takes a "
+                                  f"tensor like its example input {_describe(ref.shape)}")
+            if x.dim() != ref.dim() or (ref.dim() >= 2 and x.shape[1] != ref.shape[1]):
+                wanted = "(N," + ",".join([str(int(ref.shape[1])), *"HWDE"[:max(ref.dim() - 2, 0)]]) + ")"
+                if ref.dim() < 2:
+                    wanted = f"{ref.dim()} dimension(s)"
+                raise ConfigError(f"calibration batch {i}, input {j} has shape {_describe(x.shape)}; the model takes "
+                                  f"{wanted} like its example input {_describe(ref.shape)}")
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                bad = int((~torch.isfinite(x)).sum())
+                raise ConfigError(f"calibration batch {i}, input {j} has {bad} non-finite value(s) (NaN or inf); "
+                                  "clean the calibration data")
