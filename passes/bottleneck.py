@@ -21,8 +21,10 @@ per site.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -31,9 +33,13 @@ from fxrewrite.graph.rewriter import PROVENANCE_KEY
 from fxrewrite.graph.select import Rule, Selection
 from fxrewrite.graph.sites import ConvSite, Reason
 from fxrewrite.maths import bottleneck_fit
+from fxrewrite.maths.factorize import dense_weight
+from fxrewrite.maths.output_error import SiteStats, tucker2_output_errors
 
 from .building import make_conv, sequential
+from .candidates import Candidate, make_candidate
 from .conv_rewrite import RANDOM_INIT, ConvRewritePass
+from .costs import positions
 from .interface import Built, Pass
 
 INITS = ("svd", "random")
@@ -180,3 +186,56 @@ class GroupedBottleneck(_Bottleneck):
 
     def build(self, site: ConvSite, conv: nn.Conv2d) -> Built:
         return _build(conv, self.groups, self.rank, self.init, self.tol, self.max_iter)
+
+
+@dataclass(frozen=True)
+class Tucker2Form:
+    """Budget form ``tucker2`` (opt-in): ``grouped-bottleneck{groups=1, rank=R}`` (Tucker-2: 1x1 I->R, kxk R->R,
+    1x1 R->O) for R = 1 .. the exact rank (or ``max_rank``). The predicted error is that of the truncated HOSVD
+    (top-R left singular vectors of the mode-O and mode-I unfoldings, core = projection); the pass starts from the
+    sequentially truncated HOSVD and refines it with HOOI, which in practice ends at or below that (it is not a
+    proven bound). The first 1x1 runs at the input resolution (strided convs). With calibration statistics the error
+    is that HOSVD's output error; at grouped convs it is not offered then (the dense candidate's output error needs
+    the cross-group input statistics).
+
+    >>> Tucker2Form(max_rank=8)
+    Tucker2Form(max_rank=8, name='tucker2', pass_name='grouped-bottleneck')
+    """
+
+    max_rank: int | None = None
+    name: str = "tucker2"
+    pass_name: str = "grouped-bottleneck"
+    calibrated = True  # predicts output errors from calibration statistics
+
+    def candidates(self, site: ConvSite, weight: torch.Tensor, stats: SiteStats | None = None) -> list[Candidate]:
+        if site.blocker is not None or site.reason_for("depthwise-separable") is not None:
+            return []
+        if stats is not None and site.spec.groups > 1:
+            return []
+        s = site.spec
+        i, o, k, big_g = s.in_channels, s.out_channels, s.kernel_size[0] * s.kernel_size[1], s.groups
+        bias = o if s.bias else 0
+        w = dense_weight(weight.detach().to(torch.float64), big_g).reshape(o, i, k)
+        total = float(w.square().sum())
+        mode_o, mode_i = w.reshape(o, i * k), w.transpose(0, 1).reshape(i, o * k)
+        u = torch.linalg.eigh(mode_o @ mode_o.mT).eigenvectors.flip(-1)  # descending
+        v = torch.linalg.eigh(mode_i @ mode_i.mT).eigenvectors.flip(-1)
+        core = torch.einsum("oik,op,iq->pqk", w, u, v).square().sum(dim=-1)  # energy per (mode-O, mode-I) pair
+        kept = core.cumsum(0).cumsum(1)  # kept[a, b]: energy of the top a+1 x b+1 core
+        full = max(min(o, i * k), min(i, o * k))
+        top = full if self.max_rank is None else min(full, self.max_rank)
+        pix_out, pix_in = positions(site.output_shape, o), positions(site.input_shape, i)
+        out = []
+        calibrated = tucker2_output_errors(stats, u, v, range(1, top + 1)) if stats is not None else None
+        for r in range(1, top + 1):
+            energy = float(kept[min(r, o) - 1, min(r, i) - 1])
+            err = 0.0 if r >= full or total <= 0.0 else math.sqrt(min(max(total - energy, 0.0) / total, 1.0))
+            if calibrated is not None:
+                err = 0.0 if r >= full else calibrated[r - 1]
+            params = i * r + r * r * k + o * r
+            macs = pix_in * i * r + pix_out * (r * r * k + o * r)
+            out.append(make_candidate(self.pass_name, {"groups": 1, "rank": r}, macs, params + bias, err))
+        return out
+
+
+GroupedBottleneck.budget_forms = MappingProxyType({"tucker2": Tucker2Form})

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -40,10 +42,13 @@ from fxrewrite.graph.rewriter import permute_channels
 from fxrewrite.graph.select import Rule
 from fxrewrite.graph.sites import ConvSite, Reason, check_groups
 from fxrewrite.maths import factorize, permutation
+from fxrewrite.maths.output_error import SiteStats, grouped_output_error
 from fxrewrite.report.report import SiteRecord
 
 from .building import conv_module, make_conv
+from .candidates import Candidate, make_candidate
 from .conv_rewrite import RANDOM_INIT, ConvRewritePass
+from .costs import positions
 from .interface import Built, PassResult
 
 INITS = ("block", "random")
@@ -198,3 +203,46 @@ def _choose(gm: torch.fx.GraphModule, coupling: ChannelCoupling, rewritten: Mapp
                    else fixed.get(k, "no grouping keeps more energy than the natural order"))
             d[f"{side}_reason"] = f"{side} channels: {why}; natural order"
     return Fold({n: (p[0], p[1]) for n, p in modules.items()}, details)
+
+
+@dataclass(frozen=True)
+class GroupedForm:
+    """Budget form ``grouped``: ``grouped{groups=g}`` for every valid g (or those in ``groups``), block-diagonal
+    truncation; the predicted error is the weight energy outside the blocks (or, with calibration statistics, the
+    output error of dropping it).
+
+    >>> GroupedForm(groups=(2, 4))
+    GroupedForm(groups=(2, 4), name='grouped', pass_name='grouped')
+    """
+
+    groups: tuple[int, ...] | None = None
+    name: str = "grouped"
+    pass_name: str = "grouped"
+    calibrated = True  # predicts output errors from calibration statistics
+
+    def candidates(self, site: ConvSite, weight: torch.Tensor, stats: SiteStats | None = None) -> list[Candidate]:
+        if site.blocker is not None or site.reason_for("grouped") is not None:
+            return []
+        s = site.spec
+        i, o, k, big_g = s.in_channels, s.out_channels, s.kernel_size[0] * s.kernel_size[1], s.groups
+        bias = o if s.bias else 0
+        options = self.groups if self.groups is not None else s.valid_groups()
+        valid = [g for g in options if g >= 2 and check_groups(site, g, out_divisible=True) is None]
+        if not valid:
+            return []
+        pix = positions(site.output_shape, o)
+        energy = factorize.dense_weight(weight.detach().to(torch.float64), big_g).square().sum(dim=(2, 3))  # O x I
+        total = float(energy.sum())
+        out = []
+        for g in valid:
+            if stats is not None:
+                err = grouped_output_error(stats, g)
+            else:
+                kept = float(torch.diagonal(energy.reshape(g, o // g, g, i // g).sum(dim=(1, 3))).sum())
+                err = 0.0 if total <= 0.0 else math.sqrt(max(total - kept, 0.0) / total)
+            per_pixel = o * (i // g) * k
+            out.append(make_candidate(self.pass_name, {"groups": g}, pix * per_pixel, per_pixel + bias, err))
+        return out
+
+
+Grouped.budget_forms = MappingProxyType({"grouped": GroupedForm})
