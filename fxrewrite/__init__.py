@@ -29,7 +29,8 @@ from fxrewrite.io.replay import RewritePlan, apply_plan, load_rewritten, plan_fr
 from fxrewrite.measure.latency import LatencyReport, measure_latency
 from fxrewrite.report.report import Report, SiteRecord
 from fxrewrite.tuning.distill import DistillResult, distill
-from fxrewrite.tuning.repair import RepairResult, SiteRepair, load_calibration, repair
+from fxrewrite.tuning.records import RepairResult, SiteRepair
+from fxrewrite.tuning.repair import load_calibration, repair
 from fxrewrite.verification.result import Verification
 from fxrewrite.verification.verify import verify
 from fxrewrite.version import __version__

@@ -20,7 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxrewrite
 from fxrewrite.errors import ConfigError
-from fxrewrite.tuning.repair import im2col, load_calibration, repair
+from fxrewrite.maths.im2col import im2col
+from fxrewrite.tuning.repair import load_calibration, repair
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

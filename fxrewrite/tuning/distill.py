@@ -38,7 +38,7 @@ from fxrewrite.errors import ConfigError
 from fxrewrite.graph.capture import LeafSpec, as_graph_module
 from fxrewrite.graph.recorder import node_values
 from fxrewrite.graph.site_nodes import original_nodes, site_groups
-from fxrewrite.tuning.repair import output_leaves
+from fxrewrite.tuning.calibration_data import output_leaves
 from fxrewrite.util.inputs import InputFn, calibration_inputs, check_reiterable, to_device
 from fxrewrite.util.runtime import device_of, eval_mode
 

@@ -87,14 +87,12 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tabulate import tabulate
 from torch import nn
 
 from fxrewrite.errors import ConfigError, FxRewriteError
@@ -103,8 +101,12 @@ from fxrewrite.graph.recorder import node_values
 from fxrewrite.graph.rewriter import set_conv_weight
 from fxrewrite.graph.site_nodes import original_nodes, site_groups
 from fxrewrite.maths.im2col import im2col
-from fxrewrite.util.distributed import all_reduce, is_distributed, world_size
-from fxrewrite.util.formatting import json_float
+from fxrewrite.maths.lstsq import NormalEquations, grouped_targets
+from fxrewrite.tuning.bn_match import batchnorm_at, match, reestimate
+from fxrewrite.tuning.calibration_data import halves, output_leaves
+from fxrewrite.tuning.progress import Progress
+from fxrewrite.tuning.records import RepairResult, SiteRepair
+from fxrewrite.util.distributed import all_reduce, world_size
 from fxrewrite.util.inputs import InputFn, batch_size_of, calibration_inputs, check_reiterable, to_device
 from fxrewrite.util.runtime import device_of, eval_mode
 
@@ -114,111 +116,9 @@ OUTPUT = "<output>"
 CHECK_OUTPUT = "<output, check half>"
 _CHUNK_ELEMENTS = 1 << 24  # float64 im2col elements per chunk (128 MiB): bounds the transient memory of a batch
 
+
 class RepairError(FxRewriteError):
     """Repair could not run (bad calibration data, a site that cannot be refit, mismatched models)."""
-
-
-# ---------------------------------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class SiteRepair:
-    """One rewritten site: which conv was refit and the site output's relative L2 error against the original.
-
-    ``error_before``/``error_after`` are end to end (the data-free rewrite / the final repaired model, each run on its
-    own from the model inputs); ``fit_before``/``fit_after`` are the least-squares residual of that one conv with the
-    old / new weights on the inputs it saw during the refit (upstream already repaired, before BatchNorm
-    re-estimation). ``columns`` is the number of output pixels the fit used (batch x height x width, all processes).
-    ``check_before``/``check_after`` are the held-out check: that conv's residual on the check half of the data
-    with the data-free weights / the weights fit on the fit half alone (module docstring).
-
-    ``status``: "repaired" (refit), "kept" (the refit failed the held-out check, or there was no check half: the
-    data-free weights are kept, ``reason`` says why) or "skipped" (the site has no conv to refit).
-    """
-
-    site: str
-    conv: str | None
-    status: str  # "repaired", "kept" or "skipped"
-    reason: str = ""
-    error_before: float = math.nan
-    error_after: float = math.nan
-    fit_before: float = math.nan
-    fit_after: float = math.nan
-    columns: int = 0
-    check_before: float = math.nan
-    check_after: float = math.nan
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: json_float(v) if isinstance(v, float) else v for k, v in self.__dict__.items()}
-
-
-@dataclass(frozen=True)
-class RepairResult:
-    """The repaired module (a new GraphModule; the inputs are untouched) and what the repair did."""
-
-    module: torch.fx.GraphModule
-    sites: tuple[SiteRepair, ...]
-    output_error_before: float
-    output_error_after: float
-    batches: int
-    samples: int
-    ridge: float
-    bn: str | None = "match"
-    bn_layers: tuple[str, ...] = ()
-    bn_matched: tuple[tuple[str, int, int], ...] = ()  # bn="match": (layer, channels changed, channels)
-    world_size: int = 1
-    seconds: float = 0.0
-    notes: tuple[str, ...] = field(default_factory=tuple)
-
-    def site(self, name: str) -> SiteRepair:
-        for s in self.sites:
-            if s.site == name:
-                return s
-        raise KeyError(f"no site {name!r}; sites: {[s.site for s in self.sites]}")
-
-    def rows(self) -> list[list[str]]:
-        rows = [[s.site, s.conv or "-", s.status if not s.reason else f"{s.status}: {s.reason}",
-                 _fmt(s.error_before), _fmt(s.error_after), f"{_fmt(s.check_before)} -> {_fmt(s.check_after)}",
-                 f"{s.columns:,}"] for s in self.sites]
-        rows.append(["(model output)", "", "", _fmt(self.output_error_before), _fmt(self.output_error_after), "",
-                     ""])
-        return rows
-
-    def table(self, tablefmt: str = "simple") -> str:
-        head = ["site", "refit conv", "status", "rel. L2 before", "rel. L2 after", "held-out check", "columns"]
-        return tabulate(self.rows(), headers=head, tablefmt=tablefmt, disable_numparse=True)
-
-    def __str__(self) -> str:
-        bn = f"BatchNorm {self.bn}: {len(self.bn_layers)} layer(s)" if self.bn_layers else "no BatchNorm changed"
-        if self.bn_matched:
-            bn += (f", {sum(k for _, k, _ in self.bn_matched):,} of {sum(c for _, _, c in self.bn_matched):,} "
-                   "channels passed the held-out check")
-        lines = [f"repair: {self.batches} calibration batch(es), {self.samples} sample(s), world size "
-                 f"{self.world_size}, ridge {self.ridge:g} x mean Gram diagonal (towards the data-free weights), "
-                 f"{bn}, {self.seconds:.2f} s",
-                 "rel. L2 = ||rewritten - original|| / ||original|| of each site's output on the calibration data; "
-                 "held-out check = the refit conv's residual on the odd samples of each batch, data-free weights "
-                 "-> weights fit on the even samples",
-                 self.table(), *self.notes]
-        return "\n".join(lines)
-
-    def to_markdown(self) -> str:
-        return self.table("github")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"sites": [s.to_dict() for s in self.sites],
-                "output_error_before": json_float(self.output_error_before),
-                "output_error_after": json_float(self.output_error_after), "batches": self.batches,
-                "samples": self.samples, "ridge": self.ridge, "bn": self.bn, "bn_layers": list(self.bn_layers),
-                "bn_matched": [list(m) for m in self.bn_matched],
-                "world_size": self.world_size, "seconds": self.seconds, "notes": list(self.notes)}
-
-
-def _fmt(x: float) -> str:
-    return "-" if math.isnan(x) else f"{x:.4g}"
-
-
-# ------------------------------------------------------------------------------------------------ data helpers
 
 
 def load_calibration(path: str, batch_size: int = 32, dtype: torch.dtype | None = None) -> list[tuple[Any, ...]]:
@@ -252,56 +152,31 @@ def load_calibration(path: str, batch_size: int = 32, dtype: torch.dtype | None 
     return [tuple(t[i:i + batch_size] for t in tensors) for i in range(0, n, batch_size)]
 
 
-def output_leaves(value: Any) -> list[torch.Tensor]:
-    """The floating-point tensors of a (nested) model output."""
-    leaves = torch.utils._pytree.tree_leaves(value)
-    return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
-# ---------------------------------------------------------------------------------------------- least squares
-
-
-def _targets(y: torch.Tensor, groups: int) -> torch.Tensor:
-    """(N, O, H, W) -> (groups, O/groups, N*H*W), matching ``im2col``'s column order."""
-    n, o = y.shape[:2]
-    return y.reshape(n, groups, o // groups, -1).permute(1, 2, 0, 3).reshape(groups, o // groups, -1)
-
-
-class _NormalEquations:
-    """Sums over batches for one conv's least-squares refit: G = sum X X^T, C = sum Y X^T, sum ||Y||^2, count."""
+class _ConvEquations(NormalEquations):
+    """The normal equations of one conv's refit: im2col columns of its input (plus a row of ones for a bias) against
+    the original site output, and the conv's weights in the (groups, O/groups, D) layout of the solution."""
 
     def __init__(self, conv: nn.Conv2d, device: torch.device | None) -> None:
         g, o = conv.groups, conv.out_channels
         d = conv.in_channels // g * conv.kernel_size[0] * conv.kernel_size[1] + (conv.bias is not None)
-        kw = {"dtype": torch.float64, "device": device}
+        super().__init__(g, o // g, d, device)
         self.conv = conv
-        self.gram = torch.zeros(g, d, d, **kw)
-        self.cross = torch.zeros(g, o // g, d, **kw)
-        self.stats = torch.zeros(2, **kw)  # sum ||Y||^2, number of columns
 
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def add_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add the conv input ``x`` and the original output ``y`` of a batch, in chunks of bounded memory."""
         conv = self.conv
         n = x.shape[0]
         per_sample = max(1, self.gram.shape[1] * max(1, y[0, 0].numel()))
         step = max(1, _CHUNK_ELEMENTS // per_sample)
         for i in range(0, n, step):
             cols = im2col(conv, x[i:i + step].detach()).to(torch.float64)
-            tgt = _targets(y[i:i + step].detach().to(torch.float64), conv.groups)
+            tgt = grouped_targets(y[i:i + step].detach().to(torch.float64), conv.groups)
             if cols.shape[-1] != tgt.shape[-1]:
                 raise RepairError(f"conv input gives {cols.shape[-1]} output columns but the original site output has "
                                   f"{tgt.shape[-1]}: the rewritten site does not produce the original's shape")
             if conv.bias is not None:
                 cols = torch.cat([cols, cols.new_ones(cols.shape[0], 1, cols.shape[2])], dim=1)
-            self.gram += cols @ cols.transpose(1, 2)
-            self.cross += tgt @ cols.transpose(1, 2)
-            self.stats[0] += tgt.square().sum()
-            self.stats[1] += tgt.shape[-1]
-
-    def merged(self, other: _NormalEquations) -> _NormalEquations:
-        """The sums of both (the equations of the union of their columns)."""
-        out = copy.copy(self)
-        out.gram, out.cross, out.stats = self.gram + other.gram, self.cross + other.cross, self.stats + other.stats
-        return out
+            self.add(cols, tgt)
 
     def weights(self) -> torch.Tensor:
         """The conv's current weights as (groups, O/groups, D) (bias as the last column)."""
@@ -312,21 +187,6 @@ class _NormalEquations:
             w = torch.cat([w, conv.bias.detach().to(torch.float64).reshape(g, -1, 1)], dim=2)
         return w
 
-    def residual(self, w: torch.Tensor) -> float:
-        """Relative residual ||W X - Y|| / ||Y|| from the sums (no data needed)."""
-        err2 = ((w @ self.gram) * w).sum() - 2 * (w * self.cross).sum() + self.stats[0]
-        y2 = float(self.stats[0])
-        return math.sqrt(max(float(err2), 0.0) / y2) if y2 > 0 else (0.0 if float(err2) <= 0 else math.inf)
-
-    def solve(self, ridge: float) -> torch.Tensor:
-        w0 = self.weights()
-        d = self.gram.shape[-1]
-        mean_diag = self.gram.diagonal(dim1=1, dim2=2).mean(dim=1)  # per group
-        lam = torch.where(mean_diag > 0, ridge * mean_diag, torch.ones_like(mean_diag))[:, None, None]
-        eye = torch.eye(d, dtype=self.gram.dtype, device=self.gram.device)
-        rhs = (self.cross + lam * w0).transpose(1, 2)
-        return torch.linalg.solve(self.gram + lam * eye, rhs).transpose(1, 2)
-
     def assign(self, w: torch.Tensor, module: torch.fx.GraphModule, qualname: str) -> None:
         conv = self.conv
         if conv.bias is not None:
@@ -334,9 +194,6 @@ class _NormalEquations:
             with torch.no_grad():
                 conv.bias.copy_(b.reshape(-1).to(conv.bias.dtype))
         set_conv_weight(module, qualname, w.reshape(conv.weight.shape))
-
-
-# ------------------------------------------------------------------------------------------------------ repair
 
 
 @dataclass
@@ -378,27 +235,6 @@ def _downstream(model: torch.fx.GraphModule, roots: Iterable[torch.fx.Node]) -> 
     return seen
 
 
-class _Progress:
-    def __init__(self, enabled: bool, total: int | None, desc: str) -> None:
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-            except ImportError:  # progress is cosmetic
-                return
-            self.bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
-
-    def update(self, desc: str | None = None) -> None:
-        if self.bar is not None:
-            if desc is not None:
-                self.bar.set_description(desc, refresh=False)
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 class _Errors:
     """Per-key sums err2, ref2 over batches (float64), all-reduced before reading."""
 
@@ -412,7 +248,7 @@ class _Errors:
         for a, b in zip(output_leaves(candidate), output_leaves(reference), strict=True):
             if check_half and a.dim() == 0:
                 continue
-            a, b = (_halves(a)[1], _halves(b)[1]) if check_half else (a, b)
+            a, b = (halves(a)[1], halves(b)[1]) if check_half else (a, b)
             a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
             self.sums[self.index[key], 0] += (a64 - b64).square().sum().to(self.sums.device)
             self.sums[self.index[key], 1] += b64.square().sum().to(self.sums.device)
@@ -427,7 +263,7 @@ class _Errors:
 
 
 def _measure(original: torch.fx.GraphModule, model: torch.fx.GraphModule, batches: Callable[[], Iterable[Any]],
-             sites: Sequence[_Site], progress: _Progress, label: str) -> dict[str, float]:
+             sites: Sequence[_Site], progress: Progress, label: str) -> dict[str, float]:
     """End-to-end relative L2 error of every site output and of the model output, and of the model output on the
     check half (one run of each model per batch, in lockstep, so at most a site's two values are held at once)."""
     errors = _Errors([*(s.name for s in sites), OUTPUT, CHECK_OUTPUT], device_of(model))
@@ -466,30 +302,25 @@ class _Fit:
     check_after: float
 
 
-def _halves(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch split into its fit half (even samples) and its check half (odd samples)."""
-    return t[0::2], t[1::2]
-
-
 def _refit(original: torch.fx.GraphModule, model: torch.fx.GraphModule, batches: Callable[[], Iterable[Any]],
-           site: _Site, ridge: float, progress: _Progress) -> _Fit:
+           site: _Site, ridge: float, progress: Progress) -> _Fit:
     """Refit the site's conv if the refit passes the held-out check (module docstring); else keep its weights."""
     assert site.conv is not None and site.original is not None
     conv = model.get_submodule(site.conv)
     assert isinstance(conv, nn.Conv2d)
     x_node = site.output.args[0]
     assert isinstance(x_node, torch.fx.Node)
-    fit, check = _NormalEquations(conv, conv.weight.device), _NormalEquations(conv, conv.weight.device)
+    fit, check = _ConvEquations(conv, conv.weight.device), _ConvEquations(conv, conv.weight.device)
     for inputs in batches():
         _, y = next(node_values(original, inputs, [site.original], stop=site.original))
         _, x = next(node_values(model, inputs, [x_node], stop=x_node))
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or y.dim() != 4:
             raise RepairError(f"site {site.name!r}: expected 4-D tensors at the conv input and the original site "
                               "output")
-        (x_fit, x_check), (y_fit, y_check) = _halves(x.to(conv.weight.device)), _halves(y.to(conv.weight.device))
-        fit.add(x_fit, y_fit)
+        (x_fit, x_check), (y_fit, y_check) = halves(x.to(conv.weight.device)), halves(y.to(conv.weight.device))
+        fit.add_batch(x_fit, y_fit)
         if x_check.shape[0]:
-            check.add(x_check, y_check)
+            check.add_batch(x_check, y_check)
         progress.update(f"refit {site.name}")
     all_reduce(fit.gram, fit.cross, fit.stats, check.gram, check.cross, check.stats)
     full = fit.merged(check)
@@ -502,7 +333,7 @@ def _refit(original: torch.fx.GraphModule, model: torch.fx.GraphModule, batches:
     if float(check.stats[1]) == 0:
         return _Fit(False, "no held-out samples to check the refit on (every calibration batch has one sample); "
                     "use batches of 2 or more", before, before, columns, math.nan, math.nan)
-    trial = fit.solve(ridge)
+    trial = fit.solve(ridge, w0)
     check_before, check_after = check.residual(w0), check.residual(trial)
     if not torch.isfinite(trial).all():
         raise RepairError(f"site {site.name!r}: the least-squares solve gave non-finite weights; raise ridge "
@@ -516,110 +347,6 @@ def _refit(original: torch.fx.GraphModule, model: torch.fx.GraphModule, batches:
     return _Fit(True, "", before, after, columns, check_before, check_after)
 
 
-def _batchnorm(model: torch.fx.GraphModule, node: torch.fx.Node) -> nn.modules.batchnorm._BatchNorm | None:
-    """The BatchNorm with running statistics that ``node`` calls (None if it calls something else)."""
-    if node.op != "call_module" or not node.args or not isinstance(node.args[0], torch.fx.Node):
-        return None
-    bn = model.get_submodule(str(node.target))
-    if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None and bn.running_var is not None:
-        return bn
-    return None
-
-
-def _reestimate(model: torch.fx.GraphModule, node: torch.fx.Node, batches: Callable[[], Iterable[Any]],
-                progress: _Progress) -> None:
-    """Recompute the running statistics of the BatchNorm at ``node`` from scratch: the cumulative average over
-    batches of its input's batch mean and unbiased variance (momentum=None, that layer alone in train mode, the
-    model run up to it); momentum and train flag are restored. Across processes the averages are combined weighted
-    by batch counts."""
-    bn = _batchnorm(model, node)
-    assert bn is not None
-    momentum, training = bn.momentum, bn.training
-    try:
-        bn.reset_running_stats()
-        bn.momentum = None
-        bn.train()
-        for inputs in batches():
-            next(node_values(model, inputs, [node], stop=node))
-            progress.update(f"re-estimate {node.target}")
-    finally:
-        bn.momentum = momentum
-        bn.train(training)
-    if is_distributed():
-        n = bn.num_batches_tracked.to(torch.float64)
-        mean, var, total = bn.running_mean.to(torch.float64) * n, bn.running_var.to(torch.float64) * n, n.clone()
-        all_reduce(mean, var, total)
-        bn.running_mean.copy_(mean / total)
-        bn.running_var.copy_(var / total)
-        bn.num_batches_tracked.copy_(total.to(bn.num_batches_tracked.dtype))
-
-
-_MOMENTS = 6  # per-channel sums: r, o, r^2, o^2, r o, count
-
-
-def _channel_sums(xr: torch.Tensor, xo: torch.Tensor, sums: torch.Tensor) -> None:
-    """Add per-channel sum r, sum o, sum r^2, sum o^2, sum r o and count of (N, C, ...) tensors to ``sums`` (6, C),
-    float64."""
-    r = xr.detach().to(torch.float64).transpose(0, 1).reshape(xr.shape[1], -1)
-    o = xo.detach().to(torch.float64).transpose(0, 1).reshape(xo.shape[1], -1)
-    sums[0] += r.sum(dim=1)
-    sums[1] += o.sum(dim=1)
-    sums[2] += r.square().sum(dim=1)
-    sums[3] += o.square().sum(dim=1)
-    sums[4] += (r * o).sum(dim=1)
-    sums[5] += r.shape[1]
-
-
-def _moment_map(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per channel, the a > 0, b with a r + b having the mean and variance of o (a = 1 where either is constant)."""
-    n = sums[5].clamp_min(1)
-    m_r, m_o = sums[0] / n, sums[1] / n
-    var_r = (sums[2] / n - m_r.square()).clamp_min(0)
-    var_o = (sums[3] / n - m_o.square()).clamp_min(0)
-    ok = (var_r > 1e-12 * (sums[2] / n)) & (var_o > 1e-12 * (sums[3] / n))
-    a = torch.where(ok, (var_o / torch.where(ok, var_r, torch.ones_like(var_r))).sqrt(), torch.ones_like(var_r))
-    return a, m_o - a * m_r
-
-
-def _map_error(sums: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per channel, sum (a r + b - o)^2 from the sums of ``_channel_sums``."""
-    s_r, s_o, s_rr, s_oo, s_ro, n = sums
-    return a.square() * s_rr + 2 * a * b * s_r + b.square() * n - 2 * a * s_ro - 2 * b * s_o + s_oo
-
-
-def _match(original: torch.fx.GraphModule, model: torch.fx.GraphModule, node: torch.fx.Node,
-           ref: torch.fx.Node, batches: Callable[[], Iterable[Any]], progress: _Progress) -> int:
-    """Fold into the running statistics of the BatchNorm at ``node`` the per-channel map a r + b (a > 0) that gives
-    its input r in the rewritten model the mean and variance of its input o in the original (node ``ref``) on the
-    data: mean' = (mean - b) / a, var' = (var + eps) / a^2 - eps, so BN'(r) = BN(a r + b) and the BatchNorm's output
-    has the original's per-channel mean and variance. Identical inputs give a = 1, b = 0 (statistics unchanged).
-
-    Only the channels that pass the held-out check (the map fit on the fit half brings r closer to o on the check
-    half) and whose folded variance stays positive are changed; returns their number."""
-    bn = _batchnorm(model, node)
-    assert bn is not None and isinstance(ref.args[0], torch.fx.Node)
-    x_node, o_node = node.args[0], ref.args[0]
-    assert isinstance(x_node, torch.fx.Node)
-    fit, check = (torch.zeros(_MOMENTS, bn.num_features, dtype=torch.float64, device=bn.running_mean.device)
-                  for _ in range(2))
-    for inputs in batches():
-        _, xo = next(node_values(original, inputs, [o_node], stop=o_node))
-        _, xr = next(node_values(model, inputs, [x_node], stop=x_node))
-        (r_fit, r_check), (o_fit, o_check) = _halves(xr.to(fit.device)), _halves(xo.to(fit.device))
-        _channel_sums(r_fit, o_fit, fit)
-        _channel_sums(r_check, o_check, check)
-        progress.update(f"match {node.target}")
-    all_reduce(fit, check)
-    a, b = _moment_map(fit)
-    mean, var = bn.running_mean.to(torch.float64), bn.running_var.to(torch.float64)
-    new_var = (var + bn.eps) / a.square() - bn.eps
-    identity = _map_error(check, torch.ones_like(a), torch.zeros_like(b))
-    keep = (check[5] > 0) & (_map_error(check, a, b) < identity) & (new_var > 0)
-    bn.running_mean.copy_(torch.where(keep, (mean - b) / a, mean))
-    bn.running_var.copy_(torch.where(keep, new_var, var))
-    return int(keep.sum())
-
-
 def _plan(original: torch.fx.GraphModule, model: torch.fx.GraphModule, sites: Sequence[_Site], bn: str | None
           ) -> list[tuple[str, Any]]:
     """The steps of the repair in graph order: ("refit", site) at each refit site's output node, ("bn", (node, ref))
@@ -631,7 +358,7 @@ def _plan(original: torch.fx.GraphModule, model: torch.fx.GraphModule, sites: Se
     for node in model.graph.nodes:
         if node in refit:
             steps.append(("refit", refit[node]))
-        elif node in downstream and _batchnorm(model, node) is not None:
+        elif node in downstream and batchnorm_at(model, node) is not None:
             ref = orig_calls.get(str(node.target))
             matchable = ref is not None and bool(ref.args) and isinstance(ref.args[0], torch.fx.Node)
             if bn == "reestimate" or matchable:
@@ -690,7 +417,7 @@ def repair(original: nn.Module, rewritten: torch.fx.GraphModule, data: Iterable[
     saved = {name: {k: v.detach().clone() for k, v in model.get_submodule(name).state_dict().items()}
              for name in (step.conv if kind == "refit" else str(step[0].target) for kind, step in steps)}
     length = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
-    bar = _Progress(progress, None if length is None else length * (len(steps) + 2), "repair")
+    bar = Progress(progress, None if length is None else length * (len(steps) + 2), "repair")
     fits: dict[str, _Fit] = {}
     bn_layers: list[str] = []
     bn_matched: list[tuple[str, int, int]] = []
@@ -701,12 +428,12 @@ def repair(original: nn.Module, rewritten: torch.fx.GraphModule, data: Iterable[
                 if kind == "refit":
                     fits[step.name] = _refit(reference, model, batches, step, float(ridge), bar)
                 elif bn == "match":
-                    kept = _match(reference, model, step[0], step[1], batches, bar)
+                    kept = match(reference, model, step[0], step[1], batches, bar)
                     bn_layers.append(str(step[0].target))
                     bn_matched.append((str(step[0].target), kept, model.get_submodule(str(step[0].target))
                                        .num_features))
                 else:
-                    _reestimate(model, step[0], batches, bar)
+                    reestimate(model, step[0], batches, bar)
                     bn_layers.append(str(step[0].target))
             after = _measure(reference, model, batches, sites, bar, "measure (after)")
         finally:
