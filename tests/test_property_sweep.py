@@ -14,11 +14,11 @@ import math
 
 import pytest
 import torch
+from random_models import make_case, pipeline_for
 
 import fxrewrite
 from fxrewrite.errors import FxRewriteError
 from fxrewrite.frontends.cli import main
-from random_models import make_case, pipeline_for
 
 CASES = 240
 SLOW_CASES = 2000
