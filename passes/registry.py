@@ -93,7 +93,6 @@ class PassRegistry(Mapping[str, type[Pass]]):
         self._classes: dict[str, type[Pass]] = {}
         self._group = group
         self._discovered = False
-        self._loaded: set[tuple[str, str]] = set()
 
     def _ready(self) -> dict[str, type[Pass]]:
         if not self._discovered:
@@ -128,9 +127,10 @@ class PassRegistry(Mapping[str, type[Pass]]):
         return self._classes.pop(name)
 
     def discover(self) -> list[str]:
-        """Load the entry points of the group not loaded yet; the names of the passes they added."""
+        """Load the group's entry points whose passes are not registered yet; the names of the passes added. One
+        that cannot be loaded or registered is skipped with a ``RuntimeWarning`` naming it."""
         self._discovered = True
-        added = []
+        added: list[str] = []
         try:
             entry_points = list(importlib.metadata.entry_points(group=self._group))
         except Exception as exc:  # broken metadata somewhere on sys.path must not stop fxrewrite
@@ -138,27 +138,22 @@ class PassRegistry(Mapping[str, type[Pass]]):
                           stacklevel=3)
             return added
         for ep in entry_points:
-            key = (ep.name, ep.value)
-            if key in self._loaded:
-                continue
             dist = getattr(getattr(ep, "dist", None), "name", None)
             where = f"entry point {ep.name} = {ep.value} (group {self._group!r}" + (f", distribution {dist})"
                                                                                       if dist else ")")
             try:
                 cls = ep.load()
-                known = isinstance(cls, type) and self._classes.get(getattr(cls, "name", None)) is cls
-                if not known:
-                    self.register(cls)
+                if isinstance(cls, type) and self._classes.get(getattr(cls, "name", None)) is cls:
+                    continue  # registered already (by an earlier discovery, or by its module's own register())
+                self.register(cls)
             except Exception as exc:
                 warnings.warn(f"fxrewrite: skipped pass {where}: {type(exc).__name__}: {exc}", RuntimeWarning,
                               stacklevel=3)
                 continue
-            self._loaded.add(key)
             if cls.name != ep.name:
                 warnings.warn(f"fxrewrite: {where} registers pass {cls.name!r}: name the entry point after the pass",
                               RuntimeWarning, stacklevel=3)
-            if not known:
-                added.append(cls.name)
+            added.append(cls.name)
         return added
 
 
