@@ -25,13 +25,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from fxrewrite.graph.rewriter import PROVENANCE_KEY
 from fxrewrite.graph.select import Rule, Selection
-from fxrewrite.graph.sites import ConvSite, Reason
+from fxrewrite.graph.sites import ConvSite, ConvSpec, Reason
 from fxrewrite.maths import bottleneck_fit
 from fxrewrite.maths.factorize import dense_weight
 from fxrewrite.maths.output_error import SiteStats, tucker2_output_errors
@@ -39,7 +41,7 @@ from fxrewrite.maths.output_error import SiteStats, tucker2_output_errors
 from .building import make_conv, sequential
 from .candidates import Candidate, make_candidate
 from .conv_rewrite import RANDOM_INIT, ConvRewritePass
-from .costs import positions
+from .costs import Cost, Shape, conv_cost, option_values, positions
 from .interface import Built, Pass
 
 INITS = ("svd", "random")
@@ -72,6 +74,19 @@ def bottleneck_core(gm: torch.fx.GraphModule, site: ConvSite) -> bool:
     return (isinstance(producer, torch.fx.Node) and len(producer.users) == 1
             and _is_pointwise(producer, gm, bias_ok=False) and len(users) == 1
             and _is_pointwise(users[0], gm, bias_ok=True))
+
+
+def _bottleneck_cost(spec: ConvSpec, input_shape: Shape, output_shape: Shape, groups: Any, rank: Any) -> Cost:
+    """The 1x1 conv (I -> rank) at the input resolution, then the kxk conv (rank -> rank, ``groups`` groups; None:
+    depthwise) and the 1x1 conv (rank -> O, the bias) at the output resolution. ``rank="exact"``: the exact rank."""
+    i, o = spec.in_channels, spec.out_channels
+    if isinstance(rank, str):
+        rank = bottleneck_fit.exact_rank((o, i // spec.groups, *spec.kernel_size), groups, source_groups=spec.groups)
+    pix_in, pix_out = positions(input_shape, i), positions(output_shape, o)
+    core = conv_cost(pix_out, rank, rank, groups=rank if groups is None else groups,
+                     kernel=spec.kernel_size[0] * spec.kernel_size[1])
+    return (conv_cost(pix_in, i, rank, groups=1, kernel=1) + core
+            + conv_cost(pix_out, rank, o, groups=1, kernel=1, bias=spec.bias))
 
 
 def _exact_rank(site: ConvSite, groups: int | None) -> int:
@@ -158,6 +173,12 @@ class DepthwiseBottleneck(_Bottleneck):
     def build(self, site: ConvSite, conv: nn.Conv2d) -> Built:
         return _build(conv, None, self.rank, self.init, self.tol, self.max_iter)
 
+    @classmethod
+    def cost(cls, spec: ConvSpec, input_shape: Shape, output_shape: Shape, **options: Any) -> Cost:
+        """1x1 (I -> rank) at the input resolution, depthwise kxk on rank channels and 1x1 (rank -> O) at the
+        output resolution."""
+        return _bottleneck_cost(spec, input_shape, output_shape, None, option_values(cls, options)["rank"])
+
 
 @dataclass(frozen=True)
 class GroupedBottleneck(_Bottleneck):
@@ -187,6 +208,18 @@ class GroupedBottleneck(_Bottleneck):
     def build(self, site: ConvSite, conv: nn.Conv2d) -> Built:
         return _build(conv, self.groups, self.rank, self.init, self.tol, self.max_iter)
 
+    @classmethod
+    def cost(cls, spec: ConvSpec, input_shape: Shape, output_shape: Shape, **options: Any) -> Cost:
+        """1x1 (I -> rank) at the input resolution, grouped kxk (rank -> rank, ``groups`` groups) and 1x1 (rank ->
+        O) at the output resolution; a strided conv's first 1x1 runs at the larger input resolution.
+
+        >>> spec = ConvSpec(8, 16, (3, 3), (2, 2), (1, 1), (1, 1), 1, False)
+        >>> GroupedBottleneck.cost(spec, (1, 8, 8, 8), (1, 16, 4, 4), groups=1, rank=4)
+        Cost(macs=5376, params=240)
+        """
+        opts = option_values(cls, options)
+        return _bottleneck_cost(spec, input_shape, output_shape, opts["groups"], opts["rank"])
+
 
 @dataclass(frozen=True)
 class Tucker2Form:
@@ -214,7 +247,6 @@ class Tucker2Form:
             return []
         s = site.spec
         i, o, k, big_g = s.in_channels, s.out_channels, s.kernel_size[0] * s.kernel_size[1], s.groups
-        bias = o if s.bias else 0
         w = dense_weight(weight.detach().to(torch.float64), big_g).reshape(o, i, k)
         total = float(w.square().sum())
         mode_o, mode_i = w.reshape(o, i * k), w.transpose(0, 1).reshape(i, o * k)
@@ -224,7 +256,7 @@ class Tucker2Form:
         kept = core.cumsum(0).cumsum(1)  # kept[a, b]: energy of the top a+1 x b+1 core
         full = max(min(o, i * k), min(i, o * k))
         top = full if self.max_rank is None else min(full, self.max_rank)
-        pix_out, pix_in = positions(site.output_shape, o), positions(site.input_shape, i)
+        costs = GroupedBottleneck.cost(s, site.input_shape, site.output_shape, groups=1, rank=np.arange(1, top + 1))
         out = []
         calibrated = tucker2_output_errors(stats, u, v, range(1, top + 1)) if stats is not None else None
         for r in range(1, top + 1):
@@ -232,9 +264,8 @@ class Tucker2Form:
             err = 0.0 if r >= full or total <= 0.0 else math.sqrt(min(max(total - energy, 0.0) / total, 1.0))
             if calibrated is not None:
                 err = 0.0 if r >= full else calibrated[r - 1]
-            params = i * r + r * r * k + o * r
-            macs = pix_in * i * r + pix_out * (r * r * k + o * r)
-            out.append(make_candidate(self.pass_name, {"groups": 1, "rank": r}, macs, params + bias, err))
+            out.append(make_candidate(self.pass_name, {"groups": 1, "rank": r}, costs.macs[r - 1], costs.params[r - 1],
+                                      err))
         return out
 
 

@@ -24,10 +24,11 @@ from torch import nn
 from fxrewrite.errors import ConfigError, FxRewriteError, PassFailure
 from fxrewrite.graph.rewriter import PROVENANCE_KEY, finalize, replace_conv
 from fxrewrite.graph.select import Rule, Selection, resolve
-from fxrewrite.graph.sites import ConvSite, Reason, find_sites
+from fxrewrite.graph.sites import ConvSite, ConvSpec, Reason, find_sites
 from fxrewrite.report.report import SiteRecord
 
 from .building import conv_module, meta_weight, replacement_cost
+from .costs import Cost, Shape
 from .interface import Built, Pass, PassResult
 
 #: Reason codes that mean "this group count cannot be used at this site": an error, not a skip, for a site that a
@@ -62,7 +63,7 @@ class ConvRewritePass(Pass):
 
     Subclasses implement ``build`` (the replacement, from the trained weight) and ``check`` (the option-specific
     eligibility), and may set ``kind`` (a structural rewrite kind from ``fxrewrite.graph.sites.REWRITE_KINDS``, whose
-    site-level check then runs first).
+    site-level check then runs first) and declare ``cost`` (what the replacement costs, from the shapes alone).
     """
 
     #: the structural rewrite kind whose site-level check (``ConvSite.reason_for``) applies before ``check``; empty
@@ -87,6 +88,15 @@ class ConvRewritePass(Pass):
 
     def build(self, site: ConvSite, conv: nn.Conv2d) -> Built:
         raise NotImplementedError
+
+    @classmethod
+    def cost(cls, spec: ConvSpec, input_shape: Shape, output_shape: Shape, **options: Any) -> Cost:
+        """MACs and parameters of the module ``build`` returns for a conv ``spec`` with these input and output
+        shapes, with ``options`` (the pass's defaults where not given), from the shapes alone: the one formula of
+        this replacement (``fxrewrite.passes.costs``), which budgets price candidates with. Options that set a count
+        (a rank) may be numpy integer arrays, giving arrays. A pass that declares it must match ``replacement_cost``
+        of what it builds; this default declares nothing (``NotImplementedError``)."""
+        raise NotImplementedError(f"pass {cls.name!r} declares no analytic cost")
 
     def _decide(self, site: ConvSite, selection: Selection) -> tuple[Pass, Reason | None]:
         if not selection.selected:

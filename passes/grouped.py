@@ -40,7 +40,7 @@ from torch import nn
 from fxrewrite.graph.coupling import ChannelCoupling, channel_coupling
 from fxrewrite.graph.rewriter import permute_channels
 from fxrewrite.graph.select import Rule
-from fxrewrite.graph.sites import ConvSite, Reason, check_groups
+from fxrewrite.graph.sites import ConvSite, ConvSpec, Reason, check_groups
 from fxrewrite.maths import factorize, permutation
 from fxrewrite.maths.output_error import SiteStats, grouped_output_error
 from fxrewrite.report.report import SiteRecord
@@ -48,7 +48,7 @@ from fxrewrite.report.report import SiteRecord
 from .building import conv_module, make_conv
 from .candidates import Candidate, make_candidate
 from .conv_rewrite import RANDOM_INIT, ConvRewritePass
-from .costs import positions
+from .costs import Cost, Shape, conv_cost, option_values, positions
 from .interface import Built, PassResult
 
 INITS = ("block", "random")
@@ -93,6 +93,18 @@ class Grouped(ConvRewritePass):
         new = make_conv(conv, conv.in_channels, conv.out_channels, groups=self.groups, spatial=True,
                         bias=conv.bias is not None, weight=weight)
         return Built(new, rel_error, exact, {"groups": self.groups, "kept_energy": kept})
+
+    @classmethod
+    def cost(cls, spec: ConvSpec, input_shape: Shape, output_shape: Shape, **options: Any) -> Cost:
+        """The same conv with ``groups`` groups (a permutation is folded into the neighbours: no cost).
+
+        >>> spec = ConvSpec(8, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1, True)
+        >>> Grouped.cost(spec, (1, 8, 4, 4), (1, 16, 4, 4), groups=4)
+        Cost(macs=4608, params=304)
+        """
+        k = spec.kernel_size[0] * spec.kernel_size[1]
+        return conv_cost(positions(output_shape, spec.out_channels), spec.in_channels, spec.out_channels,
+                         groups=option_values(cls, options)["groups"], kernel=k, bias=spec.bias)
 
     def run(self, gm: torch.fx.GraphModule, rules: Sequence[Rule] = ()) -> PassResult:
         fold = self._fold(gm, rules)
@@ -224,13 +236,11 @@ class GroupedForm:
         if site.blocker is not None or site.reason_for("grouped") is not None:
             return []
         s = site.spec
-        i, o, k, big_g = s.in_channels, s.out_channels, s.kernel_size[0] * s.kernel_size[1], s.groups
-        bias = o if s.bias else 0
+        i, o, big_g = s.in_channels, s.out_channels, s.groups
         options = self.groups if self.groups is not None else s.valid_groups()
         valid = [g for g in options if g >= 2 and check_groups(site, g, out_divisible=True) is None]
         if not valid:
             return []
-        pix = positions(site.output_shape, o)
         energy = factorize.dense_weight(weight.detach().to(torch.float64), big_g).square().sum(dim=(2, 3))  # O x I
         total = float(energy.sum())
         out = []
@@ -240,8 +250,8 @@ class GroupedForm:
             else:
                 kept = float(torch.diagonal(energy.reshape(g, o // g, g, i // g).sum(dim=(1, 3))).sum())
                 err = 0.0 if total <= 0.0 else math.sqrt(max(total - kept, 0.0) / total)
-            per_pixel = o * (i // g) * k
-            out.append(make_candidate(self.pass_name, {"groups": g}, pix * per_pixel, per_pixel + bias, err))
+            cost = Grouped.cost(s, site.input_shape, site.output_shape, groups=g)
+            out.append(make_candidate(self.pass_name, {"groups": g}, cost.macs, cost.params, err))
         return out
 
 

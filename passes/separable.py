@@ -32,12 +32,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from fxrewrite.graph.sites import ConvSite, Reason, check_groups
+from fxrewrite.graph.sites import ConvSite, ConvSpec, Reason, check_groups
 from fxrewrite.maths import factorize
 from fxrewrite.maths.output_error import SiteStats, separable_output_errors
 from fxrewrite.maths.spectra import group_spectra, pareto_mask, tail_errors
@@ -45,7 +46,7 @@ from fxrewrite.maths.spectra import group_spectra, pareto_mask, tail_errors
 from .building import make_conv, sequential
 from .candidates import Candidate, make_candidate
 from .conv_rewrite import RANDOM_INIT, ConvRewritePass
-from .costs import positions
+from .costs import Cost, Shape, conv_cost, option_values, positions
 from .interface import Built
 
 INITS = ("svd", "random")
@@ -120,6 +121,19 @@ def _separable(site: ConvSite, conv: nn.Conv2d, groups: int, rank: int | str, in
     return Built(sequential(*front, pointwise, like=conv), rel_error, exact, details)
 
 
+def _separable_cost(spec: ConvSpec, output_shape: Shape, groups: Any, rank: Any) -> Cost:
+    """The kxk conv (I -> groups * rank, ``groups`` groups; with a lowering, a channel repeat and a depthwise conv
+    of the same cost) then the 1x1 conv (groups * rank -> O, the source conv's groups, its bias), both at the output
+    resolution. ``rank="exact"``: the exact rank."""
+    if isinstance(rank, str):
+        weight_shape = (spec.out_channels, spec.in_channels // spec.groups, *spec.kernel_size)
+        rank = factorize.exact_rank(weight_shape, spec.groups, groups)
+    pix = positions(output_shape, spec.out_channels)
+    width = groups * rank
+    spatial = conv_cost(pix, spec.in_channels, width, groups=groups, kernel=spec.kernel_size[0] * spec.kernel_size[1])
+    return spatial + conv_cost(pix, width, spec.out_channels, groups=spec.groups, kernel=1, bias=spec.bias)
+
+
 def _rank_reason(site: ConvSite, groups: int, rank: int | str) -> Reason | None:
     if rank == "exact":
         return None
@@ -154,6 +168,16 @@ class DepthwiseSeparable(ConvRewritePass):
     def build(self, site: ConvSite, conv: nn.Conv2d) -> Built:
         return _separable(site, conv, conv.in_channels, self.rank, self.init, self.lowering)
 
+    @classmethod
+    def cost(cls, spec: ConvSpec, input_shape: Shape, output_shape: Shape, **options: Any) -> Cost:
+        """Depthwise kxk (I -> I * rank) then 1x1 (I * rank -> O), both at the output resolution.
+
+        >>> spec = ConvSpec(8, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1, True)
+        >>> DepthwiseSeparable.cost(spec, (1, 8, 4, 4), (1, 16, 4, 4), rank=2)
+        Cost(macs=6400, params=416)
+        """
+        return _separable_cost(spec, output_shape, spec.in_channels, option_values(cls, options)["rank"])
+
 
 @dataclass(frozen=True)
 class GroupedSeparable(ConvRewritePass):
@@ -183,6 +207,13 @@ class GroupedSeparable(ConvRewritePass):
     def build(self, site: ConvSite, conv: nn.Conv2d) -> Built:
         return _separable(site, conv, self.groups, self.rank, self.init, self.lowering)
 
+    @classmethod
+    def cost(cls, spec: ConvSpec, input_shape: Shape, output_shape: Shape, **options: Any) -> Cost:
+        """Grouped kxk (I -> groups * rank, ``groups`` groups) then 1x1 (groups * rank -> O), both at the output
+        resolution."""
+        opts = option_values(cls, options)
+        return _separable_cost(spec, output_shape, opts["groups"], opts["rank"])
+
 
 # ------------------------------------------------------------------------------------------------ budget forms
 
@@ -194,11 +225,9 @@ def _separable_candidates(form: str, site: ConvSite, weight: torch.Tensor, group
     parameters and predicted error (the weight error from the spectra, or the output error from ``stats``)."""
     s = site.spec
     i, o, k, big_g = s.in_channels, s.out_channels, s.kernel_size[0] * s.kernel_size[1], s.groups
-    bias = o if s.bias else 0
     group_counts = list(group_counts)
     if not group_counts:
         return []
-    pix = positions(site.output_shape, o)
     if stats is None:
         total = float(weight.detach().to(torch.float64).square().sum())
         spectra = group_spectra(weight, big_g, group_counts)
@@ -208,9 +237,12 @@ def _separable_candidates(form: str, site: ConvSite, weight: torch.Tensor, group
         full = min(o // big_g, (i // g) * k)
         top = full if max_rank is None else min(full, max_rank)
         r = np.arange(1, top + 1)
-        per_pixel = g * r * (i // g) * k + o * (g * r // big_g)
+        if with_groups:
+            cost = GroupedSeparable.cost(s, site.input_shape, site.output_shape, groups=g, rank=r)
+        else:
+            cost = DepthwiseSeparable.cost(s, site.input_shape, site.output_shape, rank=r)
         err = np.where(r >= full, 0.0, errors[np.minimum(r, len(errors) - 1)])
-        rows.append(np.stack([pix * per_pixel, per_pixel + bias, err], axis=1).astype(np.float64))
+        rows.append(np.stack([cost.macs, cost.params, err], axis=1).astype(np.float64))
         opts.extend((g, int(x)) for x in r)
     a = np.concatenate(rows)
     out = []

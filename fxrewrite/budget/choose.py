@@ -3,9 +3,10 @@ least total predicted error.
 
 ``choose_plan(gm, Target(macs=0.5))`` takes a traced GraphModule with shapes
 (``fxrewrite.graph.shapes.propagate_shapes``) and, for every eligible site, lists candidates: keep the conv, or each
-allowed form (``forms``) with each valid rank / group count. Each candidate's cost (MACs and parameters, the same
-formulas as ``fxrewrite.measure.cost``) is computed from the shapes and its predicted error from the trained weight,
-without data and without building any module:
+allowed form (``forms``, declared by the passes: ``fxrewrite.budget.forms``) with each valid rank / group count. Each
+candidate's cost (MACs and parameters) is what its pass declares (``ConvRewritePass.cost``, which equals
+``fxrewrite.measure.cost``'s count of the module the pass builds), computed from the shapes, and its predicted error
+comes from the trained weight, without data and without building any module:
 
 - depthwise-separable / grouped-separable ``{groups=g, rank=r}``: the energy of the discarded singular values of the
   per-group ``O x (I/g)K`` slices (exactly the weight error the pass will report);

@@ -161,30 +161,23 @@ class ConvShape:
 
 
 def conv_macs(s: ConvShape, form: str | None = None, options: Mapping[str, int] | None = None) -> int:
-    """MACs per image of the conv (``form=None``) or of its rewrite in ``form`` with ``options``: every conv of a
-    rewrite runs at the site's output resolution (for the bottleneck forms, whose first 1x1 runs at the input
-    resolution, that holds for stride-1 'same' convs such as the digits model's); a kxk conv with g groups costs
-    out * in/g * k*k per pixel."""
-    k = s.kernel[0] * s.kernel[1]
-    i, o, gs = s.in_channels, s.out_channels, s.groups
-    opts = dict(options or {})
+    """MACs per image of the conv (``form=None``) or of its rewrite in ``form`` with ``options``, as the pass that
+    applies the form declares them (``ConvRewritePass.cost``), with every conv of a rewrite at the site's output
+    resolution (for the bottleneck forms, whose first 1x1 runs at the input resolution, that holds for stride-1
+    'same' convs such as the digits model's)."""
+    from fxrewrite.graph.sites import ConvSpec
+    from fxrewrite.passes import pass_class
+    from fxrewrite.passes.costs import conv_cost
+
     if form is None:
-        per_pixel = o * (i // gs) * k
-    elif form == "depthwise-separable":  # depthwise: I*T outputs, 1 input each; 1x1: I*T -> O, source groups
-        t = opts["rank"]
-        per_pixel = i * t * k + o * (i * t // gs)
-    elif form == "grouped-separable":  # grouped kxk: g*r outputs, I/g inputs each; 1x1: g*r -> O, source groups
-        g, r = opts["groups"], opts["rank"]
-        per_pixel = g * r * (i // g) * k + o * (g * r // gs)
-    elif form == "grouped":
-        per_pixel = o * (i // opts["groups"]) * k
-    elif form in ("depthwise-bottleneck", "tucker2", "grouped-bottleneck"):  # 1x1 I -> R, kxk R -> R, 1x1 R -> O
-        r = opts["rank"]
-        g = r if form == "depthwise-bottleneck" else opts["groups"]
-        per_pixel = i * r + r * (r // g) * k + o * r
-    else:
+        return int(conv_cost(s.pixels, s.in_channels, s.out_channels, groups=s.groups,
+                             kernel=s.kernel[0] * s.kernel[1]).macs)
+    if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; forms: {FORMS}")
-    return per_pixel * s.pixels
+    spec = ConvSpec(s.in_channels, s.out_channels, s.kernel, (1, 1), "same", (1, 1), s.groups, False)
+    shape_in, shape_out = (1, s.in_channels, s.pixels, 1), (1, s.out_channels, s.pixels, 1)
+    cost = pass_class(PIPELINES.get(form, form)).cost(spec, shape_in, shape_out, **dict(options or {}))
+    return int(cost.macs)
 
 
 def candidate_options(s: ConvShape, form: str) -> list[dict[str, int]]:
