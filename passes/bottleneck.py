@@ -181,47 +181,6 @@ class DepthwiseBottleneck(_Bottleneck):
 
 
 @dataclass(frozen=True)
-class GroupedBottleneck(_Bottleneck):
-    """Conv2d -> 1x1 (I -> rank) -> grouped kxk (rank -> rank, groups) -> 1x1 (rank -> O): a block-term fit
-    (groups=1: Tucker-2; groups=rank: the depthwise bottleneck)."""
-
-    name = "grouped-bottleneck"
-    description = ("Conv2d -> 1x1 (I->R) -> grouped kxk (R->R, g groups) -> 1x1 (R->O), a block-term fit "
-                   "(g=1: Tucker-2) of the trained weight")
-    groups: int = 4
-    rank: int | str = 16
-    init: str = "svd"
-    tol: float | str = "auto"
-    max_iter: int = bottleneck_fit.DEFAULT_MAX_ITER
-
-    def __post_init__(self) -> None:
-        self._validate(self.rank, self.init, self.tol, self.max_iter)
-        self._require(_is_positive_int(self.groups), f"{self.name}: groups must be a positive integer, "
-                      f"got {self.groups!r}")
-        self._require(self.rank == "exact" or int(self.rank) % self.groups == 0,
-                      f"{self.name}: groups={self.groups} must divide rank={self.rank} (the kxk conv has rank "
-                      "channels in groups groups); pick a rank that is a multiple of groups")
-
-    def check(self, site: ConvSite) -> Reason | None:
-        return self._rank_reason(site, self.groups, self.rank)
-
-    def build(self, site: ConvSite, conv: nn.Conv2d) -> Built:
-        return _build(conv, self.groups, self.rank, self.init, self.tol, self.max_iter)
-
-    @classmethod
-    def cost(cls, spec: ConvSpec, input_shape: Shape, output_shape: Shape, **options: Any) -> Cost:
-        """1x1 (I -> rank) at the input resolution, grouped kxk (rank -> rank, ``groups`` groups) and 1x1 (rank ->
-        O) at the output resolution; a strided conv's first 1x1 runs at the larger input resolution.
-
-        >>> spec = ConvSpec(8, 16, (3, 3), (2, 2), (1, 1), (1, 1), 1, False)
-        >>> GroupedBottleneck.cost(spec, (1, 8, 8, 8), (1, 16, 4, 4), groups=1, rank=4)
-        Cost(macs=5376, params=240)
-        """
-        opts = option_values(cls, options)
-        return _bottleneck_cost(spec, input_shape, output_shape, opts["groups"], opts["rank"])
-
-
-@dataclass(frozen=True)
 class Tucker2Form:
     """Budget form ``tucker2`` (opt-in): ``grouped-bottleneck{groups=1, rank=R}`` (Tucker-2: 1x1 I->R, kxk R->R,
     1x1 R->O) for R = 1 .. the exact rank (or ``max_rank``). The predicted error is that of the truncated HOSVD
@@ -269,4 +228,43 @@ class Tucker2Form:
         return out
 
 
-GroupedBottleneck.budget_forms = MappingProxyType({"tucker2": Tucker2Form})
+@dataclass(frozen=True)
+class GroupedBottleneck(_Bottleneck):
+    """Conv2d -> 1x1 (I -> rank) -> grouped kxk (rank -> rank, groups) -> 1x1 (rank -> O): a block-term fit
+    (groups=1: Tucker-2; groups=rank: the depthwise bottleneck)."""
+
+    name = "grouped-bottleneck"
+    description = ("Conv2d -> 1x1 (I->R) -> grouped kxk (R->R, g groups) -> 1x1 (R->O), a block-term fit "
+                   "(g=1: Tucker-2) of the trained weight")
+    budget_forms = MappingProxyType({"tucker2": Tucker2Form})
+    groups: int = 4
+    rank: int | str = 16
+    init: str = "svd"
+    tol: float | str = "auto"
+    max_iter: int = bottleneck_fit.DEFAULT_MAX_ITER
+
+    def __post_init__(self) -> None:
+        self._validate(self.rank, self.init, self.tol, self.max_iter)
+        self._require(_is_positive_int(self.groups), f"{self.name}: groups must be a positive integer, "
+                      f"got {self.groups!r}")
+        self._require(self.rank == "exact" or int(self.rank) % self.groups == 0,
+                      f"{self.name}: groups={self.groups} must divide rank={self.rank} (the kxk conv has rank "
+                      "channels in groups groups); pick a rank that is a multiple of groups")
+
+    def check(self, site: ConvSite) -> Reason | None:
+        return self._rank_reason(site, self.groups, self.rank)
+
+    def build(self, site: ConvSite, conv: nn.Conv2d) -> Built:
+        return _build(conv, self.groups, self.rank, self.init, self.tol, self.max_iter)
+
+    @classmethod
+    def cost(cls, spec: ConvSpec, input_shape: Shape, output_shape: Shape, **options: Any) -> Cost:
+        """1x1 (I -> rank) at the input resolution, grouped kxk (rank -> rank, ``groups`` groups) and 1x1 (rank ->
+        O) at the output resolution; a strided conv's first 1x1 runs at the larger input resolution.
+
+        >>> spec = ConvSpec(8, 16, (3, 3), (2, 2), (1, 1), (1, 1), 1, False)
+        >>> GroupedBottleneck.cost(spec, (1, 8, 8, 8), (1, 16, 4, 4), groups=1, rank=4)
+        Cost(macs=5376, params=240)
+        """
+        opts = option_values(cls, options)
+        return _bottleneck_cost(spec, input_shape, output_shape, opts["groups"], opts["rank"])

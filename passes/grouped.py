@@ -55,6 +55,44 @@ INITS = ("block", "random")
 
 
 @dataclass(frozen=True)
+class GroupedForm:
+    """Budget form ``grouped``: ``grouped{groups=g}`` for every valid g (or those in ``groups``), block-diagonal
+    truncation; the predicted error is the weight energy outside the blocks (or, with calibration statistics, the
+    output error of dropping it).
+
+    >>> GroupedForm(groups=(2, 4))
+    GroupedForm(groups=(2, 4), name='grouped', pass_name='grouped')
+    """
+
+    groups: tuple[int, ...] | None = None
+    name: str = "grouped"
+    pass_name: str = "grouped"
+    calibrated = True  # predicts output errors from calibration statistics
+
+    def candidates(self, site: ConvSite, weight: torch.Tensor, stats: SiteStats | None = None) -> list[Candidate]:
+        if site.blocker is not None or site.reason_for("grouped") is not None:
+            return []
+        s = site.spec
+        i, o, big_g = s.in_channels, s.out_channels, s.groups
+        options = self.groups if self.groups is not None else s.valid_groups()
+        valid = [g for g in options if g >= 2 and check_groups(site, g, out_divisible=True) is None]
+        if not valid:
+            return []
+        energy = factorize.dense_weight(weight.detach().to(torch.float64), big_g).square().sum(dim=(2, 3))  # O x I
+        total = float(energy.sum())
+        out = []
+        for g in valid:
+            if stats is not None:
+                err = grouped_output_error(stats, g)
+            else:
+                kept = float(torch.diagonal(energy.reshape(g, o // g, g, i // g).sum(dim=(1, 3))).sum())
+                err = 0.0 if total <= 0.0 else math.sqrt(max(total - kept, 0.0) / total)
+            cost = Grouped.cost(s, site.input_shape, site.output_shape, groups=g)
+            out.append(make_candidate(self.pass_name, {"groups": g}, cost.macs, cost.params, err))
+        return out
+
+
+@dataclass(frozen=True)
 class Grouped(ConvRewritePass):
     """Conv2d -> Conv2d(groups=g) keeping the block diagonal of the trained weight (optionally of a channel
     permutation of it, folded into the neighbouring layers)."""
@@ -65,6 +103,7 @@ class Grouped(ConvRewritePass):
     kind = "grouped"
     eligibility_column = "grouped"
     structure_options = RANDOM_INIT
+    budget_forms = MappingProxyType({"grouped": GroupedForm})
     groups: int = 4
     init: str = "block"
     permute: bool = False
@@ -215,44 +254,3 @@ def _choose(gm: torch.fx.GraphModule, coupling: ChannelCoupling, rewritten: Mapp
                    else fixed.get(k, "no grouping keeps more energy than the natural order"))
             d[f"{side}_reason"] = f"{side} channels: {why}; natural order"
     return Fold({n: (p[0], p[1]) for n, p in modules.items()}, details)
-
-
-@dataclass(frozen=True)
-class GroupedForm:
-    """Budget form ``grouped``: ``grouped{groups=g}`` for every valid g (or those in ``groups``), block-diagonal
-    truncation; the predicted error is the weight energy outside the blocks (or, with calibration statistics, the
-    output error of dropping it).
-
-    >>> GroupedForm(groups=(2, 4))
-    GroupedForm(groups=(2, 4), name='grouped', pass_name='grouped')
-    """
-
-    groups: tuple[int, ...] | None = None
-    name: str = "grouped"
-    pass_name: str = "grouped"
-    calibrated = True  # predicts output errors from calibration statistics
-
-    def candidates(self, site: ConvSite, weight: torch.Tensor, stats: SiteStats | None = None) -> list[Candidate]:
-        if site.blocker is not None or site.reason_for("grouped") is not None:
-            return []
-        s = site.spec
-        i, o, big_g = s.in_channels, s.out_channels, s.groups
-        options = self.groups if self.groups is not None else s.valid_groups()
-        valid = [g for g in options if g >= 2 and check_groups(site, g, out_divisible=True) is None]
-        if not valid:
-            return []
-        energy = factorize.dense_weight(weight.detach().to(torch.float64), big_g).square().sum(dim=(2, 3))  # O x I
-        total = float(energy.sum())
-        out = []
-        for g in valid:
-            if stats is not None:
-                err = grouped_output_error(stats, g)
-            else:
-                kept = float(torch.diagonal(energy.reshape(g, o // g, g, i // g).sum(dim=(1, 3))).sum())
-                err = 0.0 if total <= 0.0 else math.sqrt(max(total - kept, 0.0) / total)
-            cost = Grouped.cost(s, site.input_shape, site.output_shape, groups=g)
-            out.append(make_candidate(self.pass_name, {"groups": g}, cost.macs, cost.params, err))
-        return out
-
-
-Grouped.budget_forms = MappingProxyType({"grouped": GroupedForm})

@@ -146,75 +146,6 @@ def _rank_reason(site: ConvSite, groups: int, rank: int | str) -> Reason | None:
     return None
 
 
-@dataclass(frozen=True)
-class DepthwiseSeparable(ConvRewritePass):
-    """Conv2d -> depthwise kxk (groups=I, I*rank outputs) + pointwise 1x1; rank='exact' reproduces the original."""
-
-    name = "depthwise-separable"
-    description = "Conv2d -> depthwise kxk (multiplier rank) + 1x1, from a per-input-channel SVD of the weight"
-    kind = "depthwise-separable"
-    eligibility_column = "dw-sep"
-    structure_options = RANDOM_INIT
-    rank: int | str = 1
-    init: str = "svd"
-    lowering: str = "direct"
-
-    def __post_init__(self) -> None:
-        _check_options(self.name, self.rank, self.init, self.lowering)
-
-    def check(self, site: ConvSite) -> Reason | None:
-        return _rank_reason(site, site.spec.in_channels, self.rank)
-
-    def build(self, site: ConvSite, conv: nn.Conv2d) -> Built:
-        return _separable(site, conv, conv.in_channels, self.rank, self.init, self.lowering)
-
-    @classmethod
-    def cost(cls, spec: ConvSpec, input_shape: Shape, output_shape: Shape, **options: Any) -> Cost:
-        """Depthwise kxk (I -> I * rank) then 1x1 (I * rank -> O), both at the output resolution.
-
-        >>> spec = ConvSpec(8, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1, True)
-        >>> DepthwiseSeparable.cost(spec, (1, 8, 4, 4), (1, 16, 4, 4), rank=2)
-        Cost(macs=6400, params=416)
-        """
-        return _separable_cost(spec, output_shape, spec.in_channels, option_values(cls, options)["rank"])
-
-
-@dataclass(frozen=True)
-class GroupedSeparable(ConvRewritePass):
-    """Conv2d -> grouped kxk (groups g, rank outputs per group) + 1x1, from a per-group SVD of the weight."""
-
-    name = "grouped-separable"
-    description = "Conv2d -> grouped kxk (g groups, rank outputs each) + 1x1, from a per-group SVD of the weight"
-    kind = "grouped-separable"
-    eligibility_column = "grouped-sep"
-    structure_options = RANDOM_INIT
-    groups: int = 4
-    rank: int | str = 4
-    init: str = "svd"
-    lowering: str = "direct"
-
-    def __post_init__(self) -> None:
-        _check_options(self.name, self.rank, self.init, self.lowering)
-        self._require(isinstance(self.groups, int) and self.groups >= 1,
-                      f"{self.name}: groups must be a positive integer, got {self.groups!r}")
-
-    def check(self, site: ConvSite) -> Reason | None:
-        if self.groups == site.spec.groups:
-            return Reason("already-grouped", f"{site.name}: already has groups={self.groups}; a grouped-separable "
-                          "split needs more groups than the conv has.")
-        return check_groups(site, self.groups, out_divisible=False) or _rank_reason(site, self.groups, self.rank)
-
-    def build(self, site: ConvSite, conv: nn.Conv2d) -> Built:
-        return _separable(site, conv, self.groups, self.rank, self.init, self.lowering)
-
-    @classmethod
-    def cost(cls, spec: ConvSpec, input_shape: Shape, output_shape: Shape, **options: Any) -> Cost:
-        """Grouped kxk (I -> groups * rank, ``groups`` groups) then 1x1 (groups * rank -> O), both at the output
-        resolution."""
-        opts = option_values(cls, options)
-        return _separable_cost(spec, output_shape, opts["groups"], opts["rank"])
-
-
 # ------------------------------------------------------------------------------------------------ budget forms
 
 
@@ -295,5 +226,75 @@ class GroupedSeparableForm:
         return _separable_candidates(self.pass_name, site, weight, valid, self.max_rank, True, stats)
 
 
-DepthwiseSeparable.budget_forms = MappingProxyType({"depthwise-separable": DepthwiseSeparableForm})
-GroupedSeparable.budget_forms = MappingProxyType({"grouped-separable": GroupedSeparableForm})
+# ------------------------------------------------------------------------------------------------------ passes
+
+
+@dataclass(frozen=True)
+class DepthwiseSeparable(ConvRewritePass):
+    """Conv2d -> depthwise kxk (groups=I, I*rank outputs) + pointwise 1x1; rank='exact' reproduces the original."""
+
+    name = "depthwise-separable"
+    description = "Conv2d -> depthwise kxk (multiplier rank) + 1x1, from a per-input-channel SVD of the weight"
+    kind = "depthwise-separable"
+    eligibility_column = "dw-sep"
+    structure_options = RANDOM_INIT
+    budget_forms = MappingProxyType({"depthwise-separable": DepthwiseSeparableForm})
+    rank: int | str = 1
+    init: str = "svd"
+    lowering: str = "direct"
+
+    def __post_init__(self) -> None:
+        _check_options(self.name, self.rank, self.init, self.lowering)
+
+    def check(self, site: ConvSite) -> Reason | None:
+        return _rank_reason(site, site.spec.in_channels, self.rank)
+
+    def build(self, site: ConvSite, conv: nn.Conv2d) -> Built:
+        return _separable(site, conv, conv.in_channels, self.rank, self.init, self.lowering)
+
+    @classmethod
+    def cost(cls, spec: ConvSpec, input_shape: Shape, output_shape: Shape, **options: Any) -> Cost:
+        """Depthwise kxk (I -> I * rank) then 1x1 (I * rank -> O), both at the output resolution.
+
+        >>> spec = ConvSpec(8, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1, True)
+        >>> DepthwiseSeparable.cost(spec, (1, 8, 4, 4), (1, 16, 4, 4), rank=2)
+        Cost(macs=6400, params=416)
+        """
+        return _separable_cost(spec, output_shape, spec.in_channels, option_values(cls, options)["rank"])
+
+
+@dataclass(frozen=True)
+class GroupedSeparable(ConvRewritePass):
+    """Conv2d -> grouped kxk (groups g, rank outputs per group) + 1x1, from a per-group SVD of the weight."""
+
+    name = "grouped-separable"
+    description = "Conv2d -> grouped kxk (g groups, rank outputs each) + 1x1, from a per-group SVD of the weight"
+    kind = "grouped-separable"
+    eligibility_column = "grouped-sep"
+    structure_options = RANDOM_INIT
+    budget_forms = MappingProxyType({"grouped-separable": GroupedSeparableForm})
+    groups: int = 4
+    rank: int | str = 4
+    init: str = "svd"
+    lowering: str = "direct"
+
+    def __post_init__(self) -> None:
+        _check_options(self.name, self.rank, self.init, self.lowering)
+        self._require(isinstance(self.groups, int) and self.groups >= 1,
+                      f"{self.name}: groups must be a positive integer, got {self.groups!r}")
+
+    def check(self, site: ConvSite) -> Reason | None:
+        if self.groups == site.spec.groups:
+            return Reason("already-grouped", f"{site.name}: already has groups={self.groups}; a grouped-separable "
+                          "split needs more groups than the conv has.")
+        return check_groups(site, self.groups, out_divisible=False) or _rank_reason(site, self.groups, self.rank)
+
+    def build(self, site: ConvSite, conv: nn.Conv2d) -> Built:
+        return _separable(site, conv, self.groups, self.rank, self.init, self.lowering)
+
+    @classmethod
+    def cost(cls, spec: ConvSpec, input_shape: Shape, output_shape: Shape, **options: Any) -> Cost:
+        """Grouped kxk (I -> groups * rank, ``groups`` groups) then 1x1 (groups * rank -> O), both at the output
+        resolution."""
+        opts = option_values(cls, options)
+        return _separable_cost(spec, output_shape, opts["groups"], opts["rank"])
