@@ -3,6 +3,9 @@ input model is never changed and nothing is written (issue 17)."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -92,3 +95,107 @@ def test_non_finite_calibration_data_is_named() -> None:
     with pytest.raises(ConfigError, match=r"calibration batch 0, input 0 has 1 non-finite value"):
         fxrewrite.rewrite(_model(), (torch.randn(1, 3, 16, 16),), passes="depthwise-separable{rank=1}",
                           calibration=[(bad,)])
+
+
+# ---------------------------------------------------------------------------------------------------------- the CLI
+
+RESNET = ["torchvision:resnet18", "--input-shape", "1,3,32,32"]
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from fxrewrite.frontends.cli import main
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _calibration_file(folder, shape: tuple[int, ...]) -> str:  # type: ignore[no-untyped-def]
+    path = folder / "calibration.pt"
+    torch.save(torch.randn(*shape), path)
+    return str(path)
+
+
+BAD_CLI = [  # (name, argv with {tmp} for the scratch folder, exit code, start of the first stderr line)
+    ("output-folder-missing", ["rewrite", *RESNET, "--pass", "grouped{groups=2}", "--output", "{tmp}/no/m.pt2"], 2,
+     "fxrewrite: error: cannot write {tmp}/no/m.pt2: folder {tmp}/no does not exist"),
+    ("output-is-a-folder", ["rewrite", *RESNET, "--pass", "grouped{groups=2}", "--output", "{tmp}/dir.pt2"], 2,
+     "fxrewrite: error: cannot write {tmp}/dir.pt2: it is a folder"),
+    ("output-unknown-format", ["rewrite", *RESNET, "--pass", "grouped{groups=2}", "--output", "{tmp}/m.pkl"], 2,
+     "fxrewrite: error: --output {tmp}/m.pkl: unknown format '.pkl'"),
+    ("report-folder-missing", ["rewrite", *RESNET, "--pass", "grouped{groups=2}", "--report", "{tmp}/no/r.md"], 2,
+     "fxrewrite: error: cannot write {tmp}/no/r.md: folder {tmp}/no does not exist"),
+    ("budget-plan-folder-missing", ["rewrite", *RESNET, "--target-macs", "0.5", "--budget-plan", "{tmp}/no/p.json"],
+     2, "fxrewrite: error: cannot write {tmp}/no/p.json: folder {tmp}/no does not exist"),
+    ("one-input-too-many", ["rewrite", *RESNET, "--input-shape", "7,7", "--pass", "grouped{groups=2}"], 2,
+     "fxrewrite: error: ResNet.forward takes 1 input (x), got 2"),
+    ("calibration-wrong-channels", ["rewrite", *RESNET, "--pass", "depthwise-separable{rank=1}", "--calibration",
+                                    "{calibration}"], 2,
+     "fxrewrite: error: calibration batch 0, input 0 has shape (4,1,32,32); the model takes (N,3,H,W)"),
+    ("calibration-wrong-channels-target", ["rewrite", *RESNET, "--target-macs", "0.5", "--calibration",
+                                           "{calibration}"], 2,
+     "fxrewrite: error: calibration batch 0, input 0 has shape (4,1,32,32)"),
+    ("not-a-pt2", ["plan", "{tmp}/fake.pt2"], 4, "fxrewrite: error: torch.export.load('fake.pt2') failed"),
+    ("bad-pass-option", ["rewrite", *RESNET, "--pass", "grouped{groups=0}"], 2, "fxrewrite: error: "),
+]
+
+
+@pytest.mark.parametrize(("name", "argv", "code", "first"), BAD_CLI, ids=[c[0] for c in BAD_CLI])
+def test_bad_cli_input_is_exit_2_or_4_with_one_line_and_writes_nothing(
+        name: str, argv: list[str], code: int, first: str, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "dir.pt2").mkdir()
+    (tmp_path / "fake.pt2").write_text("not a program")
+    calibration = _calibration_file(tmp_path, (4, 1, 32, 32))
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    def fill(text: str) -> str:
+        return text.replace("{tmp}", str(tmp_path)).replace("{calibration}", calibration)
+
+    got, _out, err = _cli([fill(a) for a in argv], capsys)
+    assert got == code, err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith(fill(first)), lines[0]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before, "something was written"
+    if name == "not-a-pt2":
+        assert len(lines) == 1, f"torch's log leaked into stderr:\n{err}"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders: the check cannot fail as root")
+def test_a_read_only_output_folder_is_exit_2(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    code, _out, err = _cli(["rewrite", *RESNET, "--pass", "grouped{groups=2}", "--output", f"{folder}/m.pt2"], capsys)
+    assert code == 2 and "is not writable" in err
+
+
+def test_a_failed_gate_says_the_model_was_not_written(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "m.safetensors"
+    code, _out, err = _cli(["verify", *RESNET, "--pass", "depthwise-separable{rank=1}", "--rtol", "1e-9",
+                            "--output", str(out)], capsys)
+    assert code == 1
+    assert f"fxrewrite: not writing {out}: the verification gate failed" in err
+    assert not out.exists()
+
+
+def test_two_identical_runs_give_identical_json_reports_timings_aside(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["rewrite", *RESNET, "--pass", "depthwise-separable{rank=1}", "--json"]
+    reports = []
+    for _ in range(2):
+        code, out, _err = _cli(argv, capsys)
+        assert code == 0
+        doc = json.loads(out)
+        doc["verification"].pop("timings_s")
+        reports.append(doc)
+    assert reports[0] == reports[1]
+    _code, out, _err = _cli([*argv, "--seed", "1"], capsys)
+    assert json.loads(out)["records"] != reports[0]["records"], "--seed does not change the random weights"
+
+
+def test_plan_is_a_dry_run_without_real_input_tensors(capsys: pytest.CaptureFixture[str]) -> None:
+    """1 x 3 x 40000 x 40000 float32 is 19.2 GB: the plan needs the shapes only."""
+    code, out, err = _cli(["plan", "torchvision:resnet18", "--input-shape", "1,3,40000,40000", "--pass",
+                           "grouped{groups=2}", "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    first = doc["sites"][0]
+    assert first["output_shape"] == [1, 64, 20000, 20000]
+    assert doc["plan"]["records"][0]["macs_before"] == 64 * 20000 * 20000 * 3 * 7 * 7

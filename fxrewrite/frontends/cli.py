@@ -22,6 +22,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INTERNAL, EXIT_MODEL = 0, 1, 2, 3, 4
@@ -101,6 +102,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop-hooks", action="store_true",
                    help="rewrite convs that have forward hooks, dropping the hooks (skipped with module-hooks "
                         "otherwise)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random weights of built models and of the generated example inputs (default 0: "
+                        "two identical runs give identical reports, timings aside)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--markdown", action="store_true", help="print the report as Markdown")
 
@@ -175,6 +179,39 @@ def _list_passes(as_json: bool) -> str:
     return "\n".join(lines)
 
 
+def _check_writable(path: str, option: str) -> None:
+    """A file the run will write: its folder must exist and be writable, and it must not be a folder itself; checked
+    before any work, so a typo costs nothing."""
+    from fxrewrite.io.artifacts import FORMATS
+    target = Path(path)
+    if target.suffix not in FORMATS:
+        raise UsageError(f"{option} {path}: unknown format {target.suffix or '(no suffix)'!r}; use one of "
+                         f"{', '.join(FORMATS)}")
+    folder = target.parent
+    if not folder.is_dir():
+        raise UsageError(f"cannot write {path}: folder {folder} does not exist; create it first")
+    if target.is_dir():
+        raise UsageError(f"cannot write {path}: it is a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {path}: folder {folder} is not writable")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise UsageError(f"cannot write {path}: the existing file is read-only")
+
+
+def _seed(seed: int) -> None:
+    """Seed every generator a model factory or input generator may draw from."""
+    import random
+
+    import torch
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
+        return
+    numpy.random.seed(seed % 2**32)
+
+
 def _run_model_command(args: argparse.Namespace) -> tuple[str, int]:
     import torch
 
@@ -188,6 +225,12 @@ def _run_model_command(args: argparse.Namespace) -> tuple[str, int]:
         raise UsageError(f"--model-kwargs is not valid JSON: {exc}") from exc
     if not isinstance(kwargs, dict):
         raise UsageError("--model-kwargs must be a JSON object")
+    for option in ("output", "report"):
+        for path in getattr(args, option, []):
+            _check_writable(path, f"--{option}")
+    if getattr(args, "budget_plan", None):
+        _check_writable(args.budget_plan, "--budget-plan")
+    _seed(args.seed)
     model = resolve_model(args.model, kwargs, arch=args.arch, unsafe_load=args.unsafe_load)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     exported = isinstance(model, torch.export.ExportedProgram)
@@ -196,14 +239,17 @@ def _run_model_command(args: argparse.Namespace) -> tuple[str, int]:
         inputs = example_inputs(model, args.input_shape, dtype)
     else:
         model = model.to(dtype or torch.float32)
-        inputs = example_inputs(model, args.input_shape or [(1, 3, 224, 224)], dtype)
+        # a dry run needs shapes only: meta inputs stand for them without memory (partial mode runs the model)
+        dry = args.command == "plan" and not args.partial
+        inputs = example_inputs(model, args.input_shape or [(1, 3, 224, 224)], dtype,
+                                device="meta" if dry else None)
     capture = {"concrete_args": dict(args.concrete_arg) or None, "leaf_modules": args.leaf_module}
     passes = ",".join(args.passes) or None
     select = args.select or None
     if args.command == "plan":
         planned = exported_graph_module(model) if exported else model
         result: Any = plan(planned, inputs, passes, select=select, partial=args.partial,
-                                     drop_hooks=args.drop_hooks, **capture)
+                           drop_hooks=args.drop_hooks, **capture)
         if args.json:
             sites = [dataclasses.asdict(s) for s in result.sites]
             doc = {"sites": sites, "plan": result.report.to_dict()}
@@ -224,17 +270,19 @@ def _run_model_command(args: argparse.Namespace) -> tuple[str, int]:
             raise UsageError("--target-macs/--target-params/--target-latency choose the passes: do not combine them "
                              "with --pass")
         target = Target(macs=args.target_macs, params=args.target_params, latency=args.target_latency,
-                                  backend=args.latency_backend)
+                        backend=args.latency_backend)
         forms = parse_forms(args.forms) if args.forms else None
     result = rewrite(model, inputs, passes, select=select, **capture, verify=verify, rtol=args.rtol,
-                               atol=args.atol, latency=args.latency, calibration=calibration, target=target,
-                               forms=forms, partial=args.partial, drop_hooks=args.drop_hooks)
+                     atol=args.atol, latency=args.latency, calibration=calibration, target=target,
+                     forms=forms, partial=args.partial, drop_hooks=args.drop_hooks)
     if result.budget is not None:
         print(result.budget.table(result), file=sys.stderr)
         if args.budget_plan:
             print(f"fxrewrite: wrote {result.budget.save(args.budget_plan, result)}", file=sys.stderr)
     gated = args.command == "verify" or args.rtol is not None
     code = cli_exit_code(result.verification) if gated and result.verification is not None else EXIT_OK
+    if code != EXIT_OK and args.output:
+        print(f"fxrewrite: not writing {', '.join(args.output)}: the verification gate failed", file=sys.stderr)
     if code == EXIT_OK:  # a model that failed its gate is not written out
         for path in args.output:
             saved = save(result, path, inputs)

@@ -26,14 +26,16 @@ model (or an ``ExportedProgram``) from input shapes.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import inspect
 import io
+import logging
 import operator
 import pickletools
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +194,17 @@ def model_file(spec: str) -> Path | None:
     return None
 
 
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def resolve_model(spec: str, kwargs: Mapping[str, Any] | None = None, *, arch: str | None = None,
                   unsafe_load: bool = False) -> nn.Module | torch.export.ExportedProgram:
     """Any model spec (see the module docstring) -> an ``nn.Module`` in eval mode, or an ``ExportedProgram`` for a
@@ -216,7 +229,8 @@ def resolve_model(spec: str, kwargs: Mapping[str, Any] | None = None, *, arch: s
             raise ConfigError(f"{path.name} is a torch.export program: it holds its architecture, so --arch and "
                               "--model-kwargs do not apply")
         try:
-            return torch.export.load(str(path))
+            with _quiet_logger("torch.export"):  # its warning repeats the traceback the one-line error explains
+                return torch.export.load(str(path))
         except Exception as exc:
             raise ModelLoadError(f"torch.export.load({path.name!r}) failed: {type(exc).__name__}: {exc}") from exc
     content = _read_safetensors(path) if suffix in SAFETENSORS_SUFFIXES else _torch_load(path, unsafe_load)

@@ -47,7 +47,8 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
     Only when a node needs the *values* of its inputs (a leaf module with data-dependent control flow, kept opaque
     with ``leaf_modules``) does it fall back to one real forward of ``example_inputs`` under ``torch.no_grad`` (with a
     warning). Buffers a training-mode forward updates (batch-norm statistics and counters) are restored afterwards, so
-    ``gm``'s state is unchanged. Raises ``ConfigError`` naming the node where propagation stopped.
+    ``gm``'s state is unchanged. Raises ``ConfigError`` naming the node where propagation stopped. An example input
+    on the meta device stands for one of its shape on the model's device: shapes without allocating the input.
     """
     if not isinstance(example_inputs, tuple | list):
         raise ConfigError(
@@ -107,9 +108,28 @@ class _FakeProp(FakeTensorProp):
         return super().call_module(target, args, kwargs)
 
 
+def _fake_input(mode: Any, x: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """The fake version of an example input; a meta tensor stands for a tensor of its shape and dtype on the model's
+    device (so a dry run needs no memory for its inputs, however large)."""
+    if x.device.type == "meta" and device is not None:
+        with mode:
+            return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=device)
+    return mode.from_tensor(x)
+
+
+def _materialise(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A random tensor for an example input given on the meta device (its shape and dtype only)."""
+    if x.device.type != "meta":
+        return x
+    if x.is_floating_point():
+        return torch.randn(x.shape, dtype=x.dtype, device=device)
+    return torch.zeros(x.shape, dtype=x.dtype, device=device)
+
+
 def _propagate(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
     mode = fake_mode()
-    fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+    device = next((t.device for t in (*gm.parameters(), *gm.buffers()) if t.device.type != "meta"), None)
+    fake_inputs = [_fake_input(mode, x, device) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     try:
         _FakeProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
         return
@@ -119,6 +139,8 @@ def _propagate(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
     where = f" at node {node}" if node else ""
     first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
     if is_data_dependent(error):
+        if device is not None and not _has_meta_state(gm):  # meta inputs stood for shapes: values are needed now
+            example_inputs = [_materialise(x, device) if isinstance(x, torch.Tensor) else x for x in example_inputs]
         real = [x for x in example_inputs if isinstance(x, torch.Tensor)]
         if all(x.device.type != "meta" for x in real) and not _has_meta_state(gm):
             warnings.warn(f"fxrewrite: shape propagation{where} needs real values (data-dependent control flow, "
