@@ -33,6 +33,9 @@ from fxrewrite.graph.shapes import shape_of
 CONV_FUNCTIONS = (F.conv2d, torch.conv2d)
 _MODULE_PATTERN = Pattern((CONV2D_MODULE,))
 _FUNCTION_PATTERN = Pattern((CONV2D_FUNCTION,))
+#: the structural rewrite kinds whose site-level checks ``ConvSite.eligibility`` carries (``reason_for``); a pass opts
+#: into one with ``ConvRewritePass.kind``. Which passes exist, and the dry-run table's columns, come from the pass
+#: registry (``fxrewrite.passes``), not from here.
 REWRITE_KINDS = ("depthwise-separable", "grouped-separable", "grouped")
 #: ``gm.meta`` key set by ``dropping_hooks``: convs with hooks are then sites like any other (see there).
 DROP_HOOKS_KEY = "fxrewrite_drop_hooks"
