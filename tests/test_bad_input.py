@@ -199,3 +199,19 @@ def test_plan_is_a_dry_run_without_real_input_tensors(capsys: pytest.CaptureFixt
     first = doc["sites"][0]
     assert first["output_shape"] == [1, 64, 20000, 20000]
     assert doc["plan"]["records"][0]["macs_before"] == 64 * 20000 * 20000 * 3 * 7 * 7
+
+
+def test_non_finite_output_of_the_original_never_verifies_ok() -> None:
+    """Finite weights, but a batch norm whose statistics are NaN: the original's output is NaN, so is the rewrite's;
+    no figure may call that ok (before: rel L2 0, cosine 1, PASSED)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    with torch.no_grad():
+        model[1].running_var[3] = float("nan")
+    result = fxrewrite.rewrite(model, (torch.randn(1, 3, 8, 8),), passes="grouped{groups=2}")
+    assert result.verification is not None and not result.ok
+    site = next(s for s in result.verification.sites if s.site == "2")
+    assert site.status == "failed" and "the original conv's output has 512 non-finite value(s)" in site.reason
+    output = result.verification.outputs[0]
+    assert output.status == "failed" and "the original model's output has 512 non-finite value(s)" in output.reason
+    assert output.error is not None and output.error.reference_nonfinite == 512

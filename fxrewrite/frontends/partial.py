@@ -346,7 +346,7 @@ def _qualify(record: SiteRecord, unit: _Unit) -> SiteRecord:
 
 def _merge_verifications(results: Sequence[tuple[_Unit, Any]]) -> Any:
     """One Verification from the units' (unit, Verification): sites and outputs carry qualified names."""
-    from fxrewrite.verification.verify import Verification
+    from fxrewrite.verification.result import Verification
     checks = [(unit, v) for unit, v in results if v is not None]
     if not checks:
         return None

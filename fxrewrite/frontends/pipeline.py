@@ -31,7 +31,8 @@ from fxrewrite.measure.latency import LatencyReport, measure_latency
 from fxrewrite.report.report import CostComparison, Report, SiteCost, SiteRecord
 from fxrewrite.report.site_table import sites_table
 from fxrewrite.util.inputs import check_calibration, check_reiterable, example_inputs_tuple
-from fxrewrite.verification.verify import Verification, numerics_blocker
+from fxrewrite.verification.numerics import numerics_blocker
+from fxrewrite.verification.result import Verification
 from fxrewrite.verification.verify import verify as verify_rewrite
 
 PassesArg = str | Iterable[Any] | None
@@ -191,7 +192,7 @@ class RewriteResult:
     report: Report
     verification: Verification | None = None
     latency: LatencyReport | None = None
-    repair: Any = None  # fxrewrite.tuning.repair.RepairResult when calibration data was given
+    repair: Any = None  # fxrewrite.tuning.records.RepairResult when calibration data was given
     budget: Any = None  # fxrewrite.budget.plan.BudgetPlan when a target was given
 
     @property

@@ -64,10 +64,12 @@ _DEFS: dict[str, Any] = {
                          "memory_format": {"enum": ["contiguous", "channels_last", "channels_last_3d", "strided"]}},
                         description="shape, dtype, device and memory format of one tensor (FakeTensor propagation)"),
     "error_stats": _obj({"rel_l2": _FLOAT, "max_abs": _FLOAT, "sqnr_db": _FLOAT, "cosine": _FLOAT, "numel": _COUNT,
-                         "nonfinite": _COUNT},
+                         "nonfinite": _COUNT, "reference_nonfinite": _COUNT},
+                        required=["rel_l2", "max_abs", "sqnr_db", "cosine", "numel", "nonfinite"],
                         description="candidate (rewritten) vs reference (original) over all batches; rel_l2 = "
                                     "||a-b||/||b||, sqnr_db = 10 log10(||b||^2/||a-b||^2), figures over elements "
-                                    "finite in both; nonfinite counts elements non-finite only in the candidate"),
+                                    "finite in both; nonfinite counts elements non-finite only in the candidate, "
+                                    "reference_nonfinite those non-finite in the reference"),
     "cost_totals": _obj({"params": _COUNT, "macs": _COUNT, "activation_bytes": _COUNT}),
     "record": _obj({
         "site": _STR, "pass_name": _STR, "status": {"enum": ["rewritten", "planned", "skipped"]},

@@ -35,7 +35,7 @@ class ErrorAccumulator:
 
     def __init__(self) -> None:
         self.err2 = self.ref2 = self.cand2 = self.dot = self.max_abs = 0.0
-        self.numel = self.nonfinite = 0
+        self.numel = self.nonfinite = self.reference_nonfinite = 0
 
     def add(self, candidate: torch.Tensor, reference: torch.Tensor) -> None:
         a = candidate.detach().to(torch.float64)
@@ -44,6 +44,7 @@ class ErrorAccumulator:
             a, b = torch.view_as_real(a), torch.view_as_real(b)
         fa, fb = torch.isfinite(a), torch.isfinite(b)
         self.nonfinite += int((~fa & fb).sum())
+        self.reference_nonfinite += int((~fb).sum())
         both = fa & fb
         if not bool(both.all()):
             a, b = a[both], b[both]
@@ -66,7 +67,7 @@ class ErrorAccumulator:
             cosine = self.dot / math.sqrt(self.cand2 * self.ref2)
         else:
             cosine = 1.0 if self.cand2 == self.ref2 else 0.0
-        return ErrorStats(rel, self.max_abs, sqnr, cosine, self.numel, self.nonfinite)
+        return ErrorStats(rel, self.max_abs, sqnr, cosine, self.numel, self.nonfinite, self.reference_nonfinite)
 
 
 def error_stats(candidate: torch.Tensor, reference: torch.Tensor) -> ErrorStats:

@@ -64,7 +64,8 @@ class ErrorStats:
     """Error of a candidate tensor (rewritten) against a reference (original), over all batches.
 
     Figures are over the elements where both are finite; ``nonfinite`` counts elements that are non-finite in the
-    candidate but finite in the reference. ``sqnr_db`` is ``inf`` when the error is exactly zero.
+    candidate but finite in the reference, ``reference_nonfinite`` those non-finite in the reference (nothing can be
+    compared there, so either count fails every gate). ``sqnr_db`` is ``inf`` when the error is exactly zero.
     """
 
     rel_l2: float
@@ -73,14 +74,15 @@ class ErrorStats:
     cosine: float
     numel: int
     nonfinite: int = 0
+    reference_nonfinite: int = 0
 
     def exceeds(self, rtol: float, atol: float) -> bool:
-        return self.nonfinite > 0 or (self.rel_l2 > rtol and self.max_abs > atol)
+        return self.nonfinite > 0 or self.reference_nonfinite > 0 or (self.rel_l2 > rtol and self.max_abs > atol)
 
     def to_dict(self) -> dict[str, Any]:
         return {"rel_l2": json_float(self.rel_l2), "max_abs": json_float(self.max_abs),
                 "sqnr_db": json_float(self.sqnr_db), "cosine": json_float(self.cosine), "numel": self.numel,
-                "nonfinite": self.nonfinite}
+                "nonfinite": self.nonfinite, "reference_nonfinite": self.reference_nonfinite}
 
 
 @dataclass(frozen=True)

@@ -181,7 +181,11 @@ def _finish_site(w: SiteWork, ref: ShapeRun, new: ShapeRun | None, rtol: float, 
                  blocker: str | None) -> SiteCheck:
     local = w.local.stats() if w.local else None
     accumulated = w.accumulated.stats() if w.accumulated else None
-    if local is not None and local.nonfinite:
+    if local is not None and local.reference_nonfinite:
+        w.failures.append(f"site {w.name}: the original conv's output has {local.reference_nonfinite} non-finite "
+                          "value(s) (NaN or inf) on these inputs: nothing can be compared there; find their cause "
+                          "(weights, batch-norm statistics, inputs, overflow) before rewriting")
+    elif local is not None and local.nonfinite:
         w.failures.append(f"site {w.name}: {local.nonfinite} non-finite value(s) in the rewritten site's output "
                           "where the original conv's is finite")
     elif local is not None and local.exceeds(rtol, atol):
@@ -212,7 +216,11 @@ def _gate_output(o: OutputCheck, sites: Sequence[SiteCheck], rtol: float, atol: 
     e = o.error
     if e is None or not o.shapes_ok:
         return o
-    if e.nonfinite:
+    if e.reference_nonfinite:
+        reason = (f"the original model's output has {e.reference_nonfinite} non-finite value(s) (NaN or inf) on these "
+                  f"inputs ({e.nonfinite} more in the rewrite's): nothing can be compared there; find their cause "
+                  "(weights, batch-norm statistics, inputs, overflow) before rewriting")
+    elif e.nonfinite:
         culprit = next((s.site for s in sites if s.accumulated is not None and s.accumulated.nonfinite), None)
         reason = (f"{e.nonfinite} non-finite value(s) where the original is finite; first non-finite at "
                   f"{site_label(culprit)}")
