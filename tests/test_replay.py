@@ -1,4 +1,4 @@
-"""Tests for fxrewrite.io.replay: plans that rebuild a rewritten architecture on a fresh model, then load its weights."""
+"""Tests for io.replay: plans that rebuild a rewritten architecture on a fresh model, then load its weights."""
 
 from __future__ import annotations
 

@@ -127,7 +127,8 @@ def build_module(config: LayerConfig, site: ConvSite | None = None) -> nn.Module
         return conv.eval()
     if site is None:
         site = ConvSite("layer", "layer", "module", "Conv2d", s, config.input_shape, None, config.dtype, None, ())
-    built = pass_class(config.form)(**dict(config.options), init="random").build(site, conv)
+    cls = pass_class(config.form)
+    built = cls(**(dict(config.options) | dict(cls.structure_options))).build(site, conv)
     return built.module.eval()
 
 

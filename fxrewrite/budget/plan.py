@@ -142,12 +142,13 @@ class BudgetPlan:
 
     def pipeline(self, *, structure_only: bool = False) -> list[tuple[Any, list[Rule]]]:
         """``[(pass, rules), ...]``: run each pass with its own rules (``pass.run(gm, rules)``), in order.
-        ``structure_only`` builds the new modules with ``init=random`` (no factorisation: fast, for costs)."""
+        ``structure_only`` builds the new modules with each pass's ``structure_options`` (``init=random`` for the
+        built-in ones: no factorisation, fast, for costs)."""
         out = []
         for name, rules in self.rules().items():
             cls = pass_class(name)
             if structure_only:
-                rules = [dataclasses.replace(r, options=MappingProxyType({**r.options, "init": "random"}))
+                rules = [dataclasses.replace(r, options=MappingProxyType({**r.options, **cls.structure_options}))
                          for r in rules]
             out.append((cls(), rules))
         return out
