@@ -215,3 +215,44 @@ def test_non_finite_output_of_the_original_never_verifies_ok() -> None:
     output = result.verification.outputs[0]
     assert output.status == "failed" and "the original model's output has 512 non-finite value(s)" in output.reason
     assert output.error is not None and output.error.reference_nonfinite == 512
+
+
+class _MixedConvs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c3 = nn.Conv3d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.c1(x.flatten(2)).sum()
+        b = self.c3(x.unsqueeze(2)).sum()
+        return self.c2(x) + a + b
+
+
+def test_1d_and_3d_convs_are_listed_with_a_reason_and_selecting_one_says_why() -> None:
+    x = torch.randn(1, 3, 8, 8)
+    result = fxrewrite.rewrite(_MixedConvs().eval(), (x,), passes="grouped{groups=2}", verify=False)
+    assert [(h.name, h.reason.code) for h in result.report.not_visible] == [("c1", "not-conv2d"), ("c3", "not-conv2d")]
+    assert "c1: not-conv2d: a Conv1d" in str(result.report)
+    with pytest.raises(ConfigError, match=r"rule 'c1' matches no convolution site: c1 is not a site \(not-conv2d: a "
+                                          r"Conv1d: fxrewrite rewrites 2-d convolutions"):
+        fxrewrite.rewrite(_MixedConvs().eval(), (x,), passes="grouped{groups=2}", select="c1")
+
+
+def test_the_summary_line_adds_up_with_a_conv_called_twice_and_tied_weights() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = (nn.Conv2d(4, 4, 3, padding=1) for _ in range(3))
+            self.c.weight = self.b.weight
+            self.d = nn.Conv2d(4, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.d(self.c(self.b(self.a(self.a(x)))))
+
+    report = fxrewrite.rewrite(Tied().eval(), (torch.randn(1, 4, 8, 8),), passes="grouped{groups=2}").report
+    assert [(r.site, r.code or r.status) for r in report.records] == [
+        ("a", "shared-module"), ("a", "shared-module"), ("b", "tied-weight"), ("c", "tied-weight"), ("d", "rewritten")]
+    line = next(x for x in str(report).splitlines() if x.startswith("sites:"))
+    assert line.startswith("sites: 4  changed: 1  skipped: 4  (5 records for 4 sites: a module called from several")

@@ -106,7 +106,7 @@ def _prepare(model: nn.Module, example_inputs: Any, passes: PassesArg, select: A
     if gm is not None:
         sites = find_sites(gm)
         if rules:
-            _collect(errors, resolve, rules, sites)
+            _collect(errors, resolve, rules, sites, hidden_convs(gm, model))
         matched = [r for r in rules if any(r.matches(s) for s in sites)]
         with dropping_hooks(gm, drop_hooks):
             for p in pipeline:

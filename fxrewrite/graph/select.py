@@ -29,7 +29,7 @@ from typing import Any
 from torch import nn
 
 from fxrewrite.errors import ConfigError
-from fxrewrite.graph.sites import ConvSite
+from fxrewrite.graph.sites import ConvSite, HiddenConv
 
 RANKS = {"exact": 3, "pattern": 2, "type": 1, "global": 0}
 
@@ -127,8 +127,11 @@ def parse_rules(select: Iterable[str | re.Pattern[str] | type[nn.Module] | Rule]
     return rules
 
 
-def _unmatched_text(rule: Rule, sites: Sequence[ConvSite]) -> str:
+def _unmatched_text(rule: Rule, sites: Sequence[ConvSite], hidden: Sequence[HiddenConv] = ()) -> str:
     head = f"rule {rule.describe()!r} matches no convolution site"
+    named = next((h for h in hidden if rule.form == "exact" and str(rule.match) == h.name), None)
+    if named is not None:
+        return f"{head}: {named.name} is not a site ({named.reason})"
     if rule.min_channels and any(dataclasses.replace(rule, min_channels=0).matches(s) for s in sites):
         widest = max(s.spec.in_channels for s in sites if dataclasses.replace(rule, min_channels=0).matches(s))
         return f"{head}: the sites it names have at most {widest} input channels (< min_channels={rule.min_channels})"
@@ -145,8 +148,10 @@ def _unmatched_text(rule: Rule, sites: Sequence[ConvSite]) -> str:
     return f"{head}; closest: {', '.join(close) or 'none'}"
 
 
-def resolve(rules: Sequence[Rule], sites: Sequence[ConvSite]) -> dict[str, Selection]:
-    """Apply ``rules`` to ``sites`` by precedence. Raises ``ConfigError`` listing every rule that matched nothing.
+def resolve(rules: Sequence[Rule], sites: Sequence[ConvSite], hidden: Sequence[HiddenConv] = ()
+            ) -> dict[str, Selection]:
+    """Apply ``rules`` to ``sites`` by precedence. Raises ``ConfigError`` listing every rule that matched nothing;
+    a rule naming one of the ``hidden`` convolutions (not sites: not visible, or not 2-d) says why it is not one.
 
     >>> from fxrewrite.graph.capture import trace
     >>> from fxrewrite.graph.sites import find_sites
@@ -159,7 +164,7 @@ def resolve(rules: Sequence[Rule], sites: Sequence[ConvSite]) -> dict[str, Selec
         return {s.name: Selection(s.name, True, None) for s in sites}
     unmatched = [r for r in rules if not any(r.matches(s) for s in sites)]
     if unmatched:
-        raise ConfigError("; ".join(_unmatched_text(r, sites) for r in unmatched))
+        raise ConfigError("; ".join(_unmatched_text(r, sites, hidden) for r in unmatched))
     default_selected = all(r.skip for r in rules)  # only exclusions given: everything else is selected
     out: dict[str, Selection] = {}
     for site in sites:

@@ -301,7 +301,8 @@ def find_sites(gm: torch.fx.GraphModule) -> list[ConvSite]:
 
 @dataclass(frozen=True)
 class HiddenConv:
-    """A ``Conv2d`` of the module that is not a site: no node of the graph calls it, so it cannot be rewritten."""
+    """A convolution of the module that is not a site: a ``Conv2d`` no node of the graph calls (``not-visible``),
+    or a convolution of another kind (``not-conv2d``: 1-d, 3-d, transposed), which fxrewrite does not rewrite."""
 
     name: str
     container: str | None  # the leaf module whose call hides it (None when nothing in the graph calls it)
@@ -314,7 +315,8 @@ def hidden_convs(gm: torch.fx.GraphModule, original: nn.Module | None = None) ->
 
     A traced GraphModule keeps only the submodules its graph uses, so a conv that the traced forward never calls
     (a branch not taken under ``concrete_args``) is not in ``gm`` at all: pass the ``original`` model to list those
-    too (after the ones in ``gm``, with ``container=None``).
+    too (after the ones in ``gm``, with ``container=None``). Convolutions that are not 2-d (``nn.Conv1d``,
+    ``nn.Conv3d``, transposed convs) come last, with the code ``not-conv2d``.
 
     >>> from fxrewrite.graph.capture import trace
     >>> block = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU())
@@ -342,6 +344,11 @@ def hidden_convs(gm: torch.fx.GraphModule, original: nn.Module | None = None) ->
                "so the traced module does not hold it.")
         out += [HiddenConv(name, None, Reason("not-visible", why)) for name, module in original.named_modules()
                 if isinstance(module, nn.Conv2d) and name not in present]
+    for name, module in (original or gm).named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.Conv2d):
+            out.append(HiddenConv(name, None, Reason(
+                "not-conv2d", f"a {type(module).__name__}: fxrewrite rewrites 2-d convolutions (nn.Conv2d, F.conv2d) "
+                              "only, so it is left as it is.")))
     return out
 
 

@@ -270,6 +270,9 @@ class Report:
     def _count_lines(self) -> list[str]:
         t = self.totals()
         lines = [f"sites: {t['sites']}  changed: {t['changed']}  skipped: {t['skipped']}"]
+        if len(self.records) != t["sites"]:  # changed + skipped count records: say why they outnumber the sites
+            lines[0] += (f"  ({len(self.records)} records for {t['sites']} sites: a module called from several places "
+                         "has a record per call, a site a record per pass)")
         if t["changed"]:
             ratio = t["macs_after"] / t["macs_before"] if t["macs_before"] else float("nan")
             lines.append(f"changed sites: params {fmt_int(t['params_before'])} -> {fmt_int(t['params_after'])}, "
