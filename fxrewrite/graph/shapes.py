@@ -108,6 +108,49 @@ class _FakeProp(FakeTensorProp):
         return super().call_module(target, args, kwargs)
 
 
+def fake_propagate(gm: torch.fx.GraphModule, mode: FakeTensorMode, fake_inputs: Sequence[Any]) -> Any:
+    """One FakeTensor propagation of already-fake inputs through ``gm`` (``node.meta["val"]`` on every node), with
+    the shortcut for shape-preserving modules; returns the output value."""
+    return _FakeProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
+
+
+def _refake(mode: FakeTensorMode, value: Any) -> Any:
+    """A FakeTensor of ``mode`` with the metadata of ``value`` (a fake, meta or real tensor; other values as they
+    are), without touching its data."""
+    def one(t: torch.Tensor) -> torch.Tensor:
+        with mode:
+            return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=t.device)
+    return pytree.tree_map_only(torch.Tensor, one, value)
+
+
+def propagate_nodes(gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node]) -> None:
+    """Re-propagate ``nodes`` (in graph order) alone, from the recorded ``meta["val"]`` of every node they read that
+    is not among them: what a change to a few subgraphs costs, instead of a whole propagation. Sets their
+    ``meta["val"]``; raises ``KeyError`` for an input without a recorded value, or what the failing node raised.
+
+    >>> from fxrewrite.graph.capture import trace
+    >>> gm = trace(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 1)))
+    >>> propagate_shapes(gm, (torch.randn(1, 3, 8, 8),))
+    >>> gm.get_submodule("1").stride = (2, 2)
+    >>> last = list(gm.graph.nodes)[2]
+    >>> propagate_nodes(gm, [last])
+    >>> tuple(last.meta["val"].shape)
+    (1, 4, 3, 3)
+    """
+    mode = fake_mode()
+    interp = _FakeProp(gm, mode)
+    members = set(nodes)
+    env: dict[torch.fx.Node, Any] = {}
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg not in members and arg not in env:
+                env[arg] = _refake(mode, arg.meta["val"])
+    interp.env = env
+    with mode:
+        for node in nodes:
+            env[node] = interp.run_node(node)
+
+
 def _fake_input(mode: Any, x: torch.Tensor, device: torch.device | None) -> torch.Tensor:
     """The fake version of an example input; a meta tensor stands for a tensor of its shape and dtype on the model's
     device (so a dry run needs no memory for its inputs, however large)."""

@@ -40,12 +40,11 @@ def site_groups(gm: torch.fx.GraphModule, sites: Iterable[str] = ()) -> dict[str
     {'conv': ['conv_0', 'conv_1']}
     """
     named = {s for s in (provenance_site(n) for n in gm.graph.nodes) if s is not None} | set(sites)
-    top = [s for s in named if not any(s.startswith(t + ".") for t in named if t != s)]
     groups: dict[str, list[torch.fx.Node]] = {}
-    for node in gm.graph.nodes:
-        keys = [k for k in (provenance_site(node), str(node.target) if node.op == "call_module" else None) if k]
-        for site in top:
-            if any(k == site or k.startswith(site + ".") for k in keys):
+    for node in gm.graph.nodes:  # linear: each key is looked up by its dotted prefixes, never against every site
+        for key in (provenance_site(node), str(node.target) if node.op == "call_module" else None):
+            site = _top_site(key, named) if key else None
+            if site is not None:
                 groups.setdefault(site, []).append(node)
                 break
     for nodes in groups.values():
@@ -54,6 +53,16 @@ def site_groups(gm: torch.fx.GraphModule, sites: Iterable[str] = ()) -> dict[str
             nodes.insert(0, inp)
             inp = first_input(inp)
     return groups
+
+
+def _top_site(key: str, named: set[str]) -> str | None:
+    """The outermost name in ``named`` that is ``key`` or a dotted prefix of it (``conv`` for ``conv.1.0``)."""
+    parts = key.split(".")
+    for i in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        if prefix in named:
+            return prefix
+    return None
 
 
 def first_input(node: torch.fx.Node) -> torch.fx.Node | None:

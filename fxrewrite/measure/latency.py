@@ -269,13 +269,14 @@ def _per_site(original: nn.Module, rewritten: nn.Module, inputs: tuple[Any, ...]
     groups = site_groups(new_gm)
     originals = original_nodes(ref_gm, groups)
     wanted = {name: node for name, node in originals.items() if first_input(node) is not None}
-    input_names = {first_input(node).name: name for name, node in wanted.items()}  # type: ignore[union-attr]
+    input_names: dict[str, list[str]] = {}  # input node -> the sites reading it (indexed: linear in the sites)
+    for name, node in wanted.items():
+        input_names.setdefault(first_input(node).name, []).append(name)  # type: ignore[union-attr]
     site_inputs: dict[str, Any] = {}
 
     def record(node: torch.fx.Node, value: Any) -> None:
-        for input_name, site in input_names.items():
-            if node.name == input_name:
-                site_inputs[site] = value
+        for site in input_names.get(node.name, ()):
+            site_inputs[site] = value
 
     ValueRecorder(ref_gm, set(input_names), record).run(*inputs)
     out = []

@@ -21,17 +21,16 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxrewrite.graph import shapes
-from fxrewrite.graph.shapes import fake_mode
+from fxrewrite.graph.shapes import fake_mode, fake_propagate, propagate_nodes
 from fxrewrite.graph.site_nodes import first_input
 from fxrewrite.verification.numerics import numerics_blocker
 from fxrewrite.verification.records import CostTotals, OutputCheck, TensorMeta
 from fxrewrite.verification.site_work import SiteWork, passes_of
 
 __all__ = ["ShapeRun", "check_output_shapes", "check_site_shapes", "cost_totals", "failing_node", "failure_point",
-           "group_cost", "node_meta", "propagate"]
+           "group_cost", "node_meta", "propagate", "propagate_changed"]
 
 
 @dataclass
@@ -42,6 +41,7 @@ class ShapeRun:
     leaves: list[tuple[str, Any]]
     spec: Any
     cost: Any  # ModelCost | None
+    cost_index: dict[str, list[Any]] | None = None  # the cost's nodes by name (built by group_cost)
 
 
 def _fake_inputs(mode: Any, inputs: Sequence[Any], device: torch.device | None) -> list[Any]:
@@ -62,10 +62,9 @@ def _fake_inputs(mode: Any, inputs: Sequence[Any], device: torch.device | None) 
 def propagate(gm: torch.fx.GraphModule, inputs: Sequence[Any], device: torch.device | None) -> ShapeRun:
     """Fake propagation; where a node needs real values (a data-dependent leaf module), one real run instead, as
     ``fxrewrite.graph.shapes.propagate_shapes`` does (with a warning; the caller runs it under ``eval_mode``)."""
-    from fxrewrite.measure.cost import model_cost
     mode = fake_mode()
     try:
-        result = FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*_fake_inputs(mode, inputs, device))
+        result = fake_propagate(gm, mode, _fake_inputs(mode, inputs, device))
     except Exception as exc:
         if not shapes.is_data_dependent(exc) or numerics_blocker(gm, gm, inputs) is not None:
             raise
@@ -76,6 +75,11 @@ def propagate(gm: torch.fx.GraphModule, inputs: Sequence[Any], device: torch.dev
             node.meta.pop("val", None)
         shapes.propagate_real(gm, inputs, mode)
         result = gm.graph.output_node().meta["val"]
+    return _shape_run(gm, result)
+
+
+def _shape_run(gm: torch.fx.GraphModule, result: Any) -> ShapeRun:
+    from fxrewrite.measure.cost import model_cost
     leaves, spec = pytree.tree_flatten_with_path(result)
     named = [("output" + pytree.keystr(path), value) for path, value in leaves]
     try:
@@ -83,6 +87,108 @@ def propagate(gm: torch.fx.GraphModule, inputs: Sequence[Any], device: torch.dev
     except Exception:  # costs are informational here; a graph the cost model cannot read still verifies
         cost = None
     return ShapeRun(gm, named, spec, cost)
+
+
+def propagate_changed(ref_gm: torch.fx.GraphModule, new_gm: torch.fx.GraphModule, rewritten: torch.nn.Module,
+                      groups: dict[str, list[torch.fx.Node]], originals: dict[str, torch.fx.Node],
+                      inputs: Sequence[Any], original: torch.nn.Module) -> tuple[ShapeRun, ShapeRun] | None:
+    """The shape check at the cost of what changed, or None where it cannot stand for a whole propagation.
+
+    ``rewritten`` (the GraphModule whose graph ``new_gm`` copies, node for node) comes out of the rewrite with
+    ``meta["val"]`` on every node, propagated from its example inputs: an
+    unchanged node keeps the original's value, and the last node of each rewritten site the original conv's. When
+    its placeholders' metadata is that of ``inputs`` (the same shapes, dtypes, devices and strides), the original's
+    metadata is read from there (``ref_gm``'s nodes by name, a site's original conv from the site's last node), and
+    only the sites' nodes are re-propagated, from their recorded input metadata. If every site's new output has
+    the recorded metadata (strides included), nothing downstream can differ, and the two runs are returned. None
+    (the caller propagates both models whole) when a placeholder or node lacks recorded metadata or differs from
+    ``inputs``, a node of the original has no counterpart, something is on the meta device (``others``: the models),
+    a site fails to propagate or its output differs: the full propagation then says exactly what and where.
+
+    An edit *outside* the rewritten sites (a module swapped by hand at a node no pass touched) is not seen here:
+    ``verify(shapes="full")`` propagates both models whole.
+    """
+    if not isinstance(rewritten, torch.fx.GraphModule) or _on_meta(inputs, original, rewritten):
+        return None
+    mine = [n for n in new_gm.graph.nodes if n.op != "output"]
+    theirs = [n for n in rewritten.graph.nodes if n.op != "output"]
+    if len(mine) != len(theirs) or any(a.name != b.name or "val" not in b.meta
+                                   for a, b in zip(mine, theirs, strict=True)):
+        return None
+    placeholders = [n for n in theirs if n.op == "placeholder"]
+    if len(placeholders) != len(inputs):
+        return None
+    for node, x in zip(placeholders, inputs, strict=True):
+        val = node.meta["val"]
+        if isinstance(x, torch.Tensor) != isinstance(val, torch.Tensor):
+            return None
+        if isinstance(x, torch.Tensor) and not _same_meta(val, x):
+            return None
+    for a, b in zip(mine, theirs, strict=True):
+        a.meta["val"] = b.meta["val"]
+    known = _changed_runs(ref_gm, new_gm, groups, originals)
+    if known is None:  # a stale value must not hide where the whole propagation stops
+        for n in mine:
+            n.meta.pop("val", None)
+    return known
+
+
+def _changed_runs(ref_gm: torch.fx.GraphModule, new_gm: torch.fx.GraphModule, groups: dict[str, list[torch.fx.Node]],
+                  originals: dict[str, torch.fx.Node]) -> tuple[ShapeRun, ShapeRun] | None:
+    by_name = {n.name: n for n in new_gm.graph.nodes if n.op != "output"}
+    site_last = {originals[s].name: nodes[-1] for s, nodes in groups.items() if s in originals}
+    ref_vals: dict[torch.fx.Node, Any] = {}
+    for node in ref_gm.graph.nodes:
+        if node.op == "output":
+            continue
+        twin = site_last.get(node.name)
+        if twin is None:
+            twin = by_name.get(node.name)
+            if twin is None or (twin.op, twin.target) != (node.op, node.target):
+                return None
+        ref_vals[node] = twin.meta["val"]
+    changed = {n for nodes in groups.values() for n in nodes}
+    order = [n for n in new_gm.graph.nodes if n in changed]
+    recorded = {n: n.meta["val"] for n in order}
+    try:
+        propagate_nodes(new_gm, order)
+    except Exception:
+        return None
+    for nodes in groups.values():
+        before, after = recorded[nodes[-1]], nodes[-1].meta.get("val")
+        if not (isinstance(after, torch.Tensor) and isinstance(before, torch.Tensor) and _same_meta(after, before)):
+            return None
+    for node, val in ref_vals.items():
+        node.meta["val"] = val
+    return _shape_run(ref_gm, _output_value(ref_gm)), _shape_run(new_gm, _output_value(new_gm))
+
+
+def _same_meta(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.shape, a.stride(), a.dtype, a.device) == (b.shape, b.stride(), b.dtype, b.device)
+
+
+def _on_meta(inputs: Sequence[Any], *modules: torch.nn.Module) -> bool:
+    if any(isinstance(x, torch.Tensor) and x.device.type == "meta" for x in inputs):
+        return True
+    return any(t.device.type == "meta" for m in modules for t in (*m.parameters(), *m.buffers()))
+
+
+def _output_value(gm: torch.fx.GraphModule) -> Any:
+    """The model's output as the propagation would return it, from the recorded values of the nodes it names."""
+    output = gm.graph.output_node()
+    return _plain(torch.fx.node.map_arg(output.args[0], lambda n: n.meta["val"]))
+
+
+def _plain(value: Any) -> Any:
+    """fx's immutable containers as the plain ones a run returns (so that both routes name outputs alike)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        items = [_plain(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    return value
 
 
 def failing_node(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
@@ -112,12 +218,16 @@ def cost_totals(cost: Any) -> CostTotals | None:
     return None if cost is None else CostTotals(cost.params, cost.macs, cost.activation_bytes)
 
 
-def group_cost(cost: Any, names: Iterable[str]) -> CostTotals | None:
-    """The totals of the nodes ``names`` in a ``ModelCost`` (None stays None)."""
-    if cost is None:
+def group_cost(run: ShapeRun | None, names: Iterable[str]) -> CostTotals | None:
+    """The totals of the nodes ``names`` in a run's ``ModelCost`` (None without one); the cost's nodes are indexed
+    by name once per run, so a call per site is linear in the site, not in the graph."""
+    if run is None or run.cost is None:
         return None
-    wanted = set(names)
-    nodes = [c for c in cost.nodes if c.node in wanted]
+    if run.cost_index is None:
+        run.cost_index = {}
+        for c in run.cost.nodes:
+            run.cost_index.setdefault(c.node, []).append(c)
+    nodes = [c for name in dict.fromkeys(names) for c in run.cost_index.get(name, ())]
     return CostTotals(sum(c.params for c in nodes), sum(c.macs for c in nodes),
                       sum(c.activation_bytes for c in nodes))
 

@@ -45,18 +45,18 @@ def passes_of(w: SiteWork) -> tuple[str, ...]:
 
 
 def site_of(node: torch.fx.Node, groups: Mapping[str, list[torch.fx.Node]]) -> str | None:
-    """The rewritten site a node belongs to, or the nearest rewritten site upstream of it."""
-    for site, nodes in groups.items():
-        if node in nodes:
-            return site
+    """The rewritten site a node belongs to, or the nearest rewritten site upstream of it (one index of the
+    groups' nodes, then a walk upstream: linear in the graph)."""
+    owner = {n: site for site, nodes in groups.items() for n in nodes}
+    if node in owner:
+        return owner[node]
     seen, frontier = set(), list(node.all_input_nodes)
     while frontier:
         n = frontier.pop()
         if n in seen:
             continue
         seen.add(n)
-        for site, nodes in groups.items():
-            if n in nodes:
-                return site
+        if n in owner:
+            return owner[n]
         frontier.extend(n.all_input_nodes)
     return None

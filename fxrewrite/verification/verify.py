@@ -61,6 +61,7 @@ from fxrewrite.verification.shape_check import (
     group_cost,
     node_meta,
     propagate,
+    propagate_changed,
 )
 from fxrewrite.verification.site_work import SiteWork, passes_of, site_of
 
@@ -94,7 +95,7 @@ def verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, *, rt
            atol: float | None = None, numerics: bool = True, batches: Iterable[Any] | None = None,
            sites: Iterable[str] = (), concrete_args: Mapping[str, Any] | None = None,
            leaf_modules: Iterable[LeafSpec] = (),
-           autowrap_functions: Iterable[Callable[..., Any]] = ()) -> Verification:
+           autowrap_functions: Iterable[Callable[..., Any]] = (), shapes: str = "changed") -> Verification:
     """Check that ``rewritten`` computes what ``original`` does, site by site; see the module docstring.
 
     ``rtol``/``atol`` default to float level for the dtype (``FLOAT_LEVEL``); ``rtol=math.inf`` keeps the figures
@@ -102,6 +103,12 @@ def verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, *, rt
     ``sites`` names rewritten sites that carry no provenance node of their own (``rewrite`` passes its records').
     Capture options are used when ``original`` has to be traced. Neither model is modified (each submodule's
     train/eval flag is restored; parameters are never copied).
+
+    ``shapes="changed"`` (the default) checks shapes at the cost of what changed when ``rewritten`` carries the
+    metadata its rewrite recorded for these inputs (what ``rewrite`` returns): only the rewritten sites are
+    re-propagated, from their recorded inputs, and compared with the original conv's recorded output; otherwise,
+    or when anything differs, both models are propagated whole. ``shapes="full"`` always propagates both whole:
+    for a graph edited by hand outside its rewritten sites.
     """
     inputs = example_inputs_tuple(example_inputs)
     dtype = _main_dtype(inputs, original)
@@ -110,6 +117,8 @@ def verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, *, rt
     atol = default_atol if atol is None else float(atol)
     if rtol < 0 or atol < 0:
         raise ConfigError(f"rtol and atol must be >= 0, got rtol={rtol}, atol={atol}")
+    if shapes not in ("changed", "full"):
+        raise ConfigError(f"shapes must be 'changed' or 'full', got {shapes!r}")
     timings: dict[str, float] = {}
     start = time.perf_counter()
     ref_gm = as_graph_module(original, concrete_args=concrete_args, leaf_modules=leaf_modules,
@@ -122,13 +131,15 @@ def verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, *, rt
     model_failures: list[str] = []  # failures not attributable to one site (output failures name a site)
 
     with eval_mode(original, rewritten):
+        known = propagate_changed(ref_gm, new_gm, rewritten, groups, originals, inputs, original) \
+            if shapes == "changed" else None
         try:
-            ref = propagate(ref_gm, inputs, device_of(original))
+            ref = known[0] if known else propagate(ref_gm, inputs, device_of(original))
         except Exception as exc:
             raise ConfigError(f"the original model does not run on the example inputs (shape propagation failed "
                               f"at {failure_point(ref_gm)}): {first_line(exc)}") from exc
         try:
-            new: ShapeRun | None = propagate(new_gm, inputs, device_of(rewritten))
+            new: ShapeRun | None = known[1] if known else propagate(new_gm, inputs, device_of(rewritten))
         except Exception as exc:
             new = None
             node = failing_node(new_gm)
@@ -136,8 +147,10 @@ def verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, *, rt
             message = (f"{site_label(site)}: the rewritten model fails shape propagation at {failure_point(new_gm)}: "
                        f"{first_line(exc)}")
             (by_name[site].failures if site in by_name else model_failures).append(message)
-        for i, w in enumerate(work):
-            check_site_shapes(w, upstream_failed=any(u.failures for u in work[:i]))
+        upstream_failed = False
+        for w in work:
+            check_site_shapes(w, upstream_failed=upstream_failed)
+            upstream_failed = upstream_failed or bool(w.failures)
         first_bad = next((w.name for w in work if w.failures), None)
         output_failures: list[str] = []
         outputs = check_output_shapes(ref, new, output_failures, first_bad)
@@ -206,8 +219,8 @@ def _finish_site(w: SiteWork, ref: ShapeRun, new: ShapeRun | None, rtol: float, 
         input_after=node_meta(first_input(w.nodes[0])),
         output_before=node_meta(w.original), output_after=node_meta(w.nodes[-1]),
         shapes_ok=w.shapes_ok, local=local, accumulated=accumulated,
-        cost_before=group_cost(ref.cost, orig_names) if orig_names else None,
-        cost_after=group_cost(new.cost, [n.name for n in w.nodes]) if new is not None else None,
+        cost_before=group_cost(ref, orig_names) if orig_names else None,
+        cost_after=group_cost(new, [n.name for n in w.nodes]),
         status=status, reason=reason)
 
 
