@@ -39,6 +39,7 @@ from fxrewrite.graph.capture import LeafSpec, as_graph_module
 from fxrewrite.graph.recorder import node_values
 from fxrewrite.graph.site_nodes import original_nodes, site_groups
 from fxrewrite.tuning.calibration_data import output_leaves
+from fxrewrite.util.distributed import all_reduce, is_distributed
 from fxrewrite.util.inputs import InputFn, calibration_inputs, check_reiterable, to_device
 from fxrewrite.util.runtime import device_of, eval_mode
 
@@ -84,13 +85,18 @@ class DistillResult:
 
 
 def _relative_sq(student: Any, teacher: Any) -> torch.Tensor:
+    """sum over output tensors of ||s - t||^2 / ||t||^2. Under torch.distributed each process holds a shard of the
+    batch: the denominators are summed over the processes first, so the processes' results add up to the relative
+    error of the whole batch (and so do their gradients)."""
     total: torch.Tensor | None = None
     s_leaves, t_leaves = output_leaves(student), output_leaves(teacher)
     if len(s_leaves) != len(t_leaves):
         raise ConfigError(f"distill: the rewritten model returns {len(s_leaves)} floating tensor(s), the original "
                           f"{len(t_leaves)}")
     for s, t in zip(s_leaves, t_leaves, strict=True):
-        term = (s - t).square().sum() / t.square().sum().clamp_min(torch.finfo(t.dtype).tiny)
+        energy = t.detach().square().sum()
+        all_reduce(energy)
+        term = (s - t).square().sum() / energy.clamp_min(torch.finfo(t.dtype).tiny)
         total = term if total is None else total + term
     if total is None:
         raise ConfigError("distill: the model returns no floating-point tensor to match")
@@ -132,6 +138,11 @@ def distill(original: nn.Module, rewritten: torch.fx.GraphModule, data: Iterable
 
     ``device`` (default: where ``rewritten`` is) is where training runs; the inputs are moved there. A progress bar
     goes to stderr when it is a terminal and ``progress`` is True.
+
+    Under ``torchrun`` (an initialised default process group), each process passes its own shard of the data (the
+    same number of items, the same ``steps``): the loss is that of the whole batch (denominators and gradients are
+    summed over the processes, as DistributedDataParallel would), every process takes the same steps and agrees on
+    the revert, and each returns the same weights. BatchNorm in ``train_mode`` uses each shard's own statistics.
     """
     start = time.perf_counter()
     if not isinstance(rewritten, torch.fx.GraphModule):
@@ -192,9 +203,15 @@ def distill(original: nn.Module, rewritten: torch.fx.GraphModule, data: Iterable
         raise ConfigError("distill: the data is empty")
     probe_inputs = to_device(calibration_inputs(first, input_fn), target)
 
-    def probe() -> float:
+    def global_value(loss: torch.Tensor) -> float:
+        """The loss of the whole batch: the sum of the processes' parts (itself without torch.distributed)."""
+        value = loss.detach().clone()
+        all_reduce(value)
+        return float(value)
+
+    def probe() -> float:  # the same on every process, so all agree on the revert
         with torch.no_grad(), eval_mode(teacher, student):
-            return float(loss_on(probe_inputs))
+            return global_value(loss_on(probe_inputs))
 
     start_state = {k: v.detach().clone() for k, v in student.state_dict().items()} if revert_if_worse else {}
     probe_before = probe()
@@ -211,9 +228,14 @@ def distill(original: nn.Module, rewritten: torch.fx.GraphModule, data: Iterable
                 loss = loss_on(to_device(calibration_inputs(next(items), input_fn), target))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if is_distributed():  # each process holds its part of the whole batch's gradient: sum them
+                    for param in params:
+                        if param.grad is None:
+                            param.grad = torch.zeros_like(param)
+                        all_reduce(param.grad)
                 optimizer.step()
                 schedule.step()
-                losses.append(float(loss.detach()))
+                losses.append(global_value(loss))
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
