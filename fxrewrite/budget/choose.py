@@ -27,7 +27,9 @@ memory and optionally on disk); the candidates timed are those Pareto-optimal in
 on a grid of about two per octave (``LayerLatency.rank_grid``). A candidate not faster than the original conv on that
 backend is pruned (each site says how many); the summed site latencies (the measured original total minus the per-site
 savings) must meet the target. ``BudgetPlan.latency_check`` compares that prediction with a whole-model measurement
-(``fxrewrite.measure.latency``).
+(``fxrewrite.measure.latency``). ``rewrite(..., target=Target(latency=f))`` goes further: the plan is measured as a
+whole model and tightened until the whole model meets ``f`` (``fxrewrite.budget.whole_model.fit_latency``, which
+re-plans from ``prepare_budget``'s measurements with ``PreparedBudget.plan``).
 
 **Objective.** Minimise ``sum over sites of w_s * loss(e_s)``, where ``e_s = ||W_s - W_s'||_F / ||W_s||_F`` is the
 site's relative weight error (predicted as above) and ``w_s`` its importance (1 for every site unless ``weights=`` says
@@ -99,7 +101,7 @@ from fxrewrite.passes import pass_class
 from fxrewrite.passes.building import conv_module
 from fxrewrite.passes.candidates import KEEP, Candidate, Form, make_candidate
 
-__all__ = ["choose_plan"]
+__all__ = ["PreparedBudget", "choose_plan", "prepare_budget"]
 
 
 def _weights_of(gm: torch.fx.GraphModule, site: ConvSite) -> Tensor | None:
@@ -210,11 +212,11 @@ def choose_plan(gm: torch.fx.GraphModule, target: Target, forms: str | Iterable[
                 input_fn: Callable[[Any], Sequence[Any]] | None = None, latency: Any = None,
                 max_gram_bytes: int = 1 << 30) -> BudgetPlan:
     """Choose one candidate per site (or keep it) so that the model meets ``target`` with the least objective,
-    ``sum(w_s * loss(e_s))`` (see the module docstring). ``gm`` must carry shapes (``propagate_shapes``); nothing is
-    changed. ``forms``: names, Form objects or a comma-separated string (``parse_forms``). ``select`` restricts the
-    sites (names, globs, ``Rule``s as in ``fxrewrite.graph.select``); ``weights`` maps site names to importance weights
-    (default 1); ``method`` and ``objective``: see the module docstring. Raises ``BudgetInfeasible`` when no plan
-    meets the target.
+    ``sum(w_s * loss(e_s))`` (see the module docstring): ``prepare_budget(...).plan(...)``. ``gm`` must carry shapes
+    (``propagate_shapes``); nothing is changed. ``forms``: names, Form objects or a comma-separated string
+    (``parse_forms``). ``select`` restricts the sites (names, globs, ``Rule``s as in ``fxrewrite.graph.select``);
+    ``weights`` maps site names to importance weights (default 1); ``method`` and ``objective``: see the module
+    docstring. Raises ``BudgetInfeasible`` when no plan meets the target.
 
     ``calibration`` (input tuples or tensors, read once per chunk of sites whose Gram matrices fit
     ``max_gram_bytes``; ``input_fn`` maps items to inputs): each candidate's error is then its relative output
@@ -224,14 +226,27 @@ def choose_plan(gm: torch.fx.GraphModule, target: Target, forms: str | Iterable[
     ``target.latency``: every site's original conv and every candidate are timed once per distinct configuration
     on ``target.backend`` (``latency``: a ``fxrewrite.budget.layer_latency.LayerLatency`` with the runs, threads, cache
     and timer; default ``LayerLatency(backend=target.backend)``); a candidate not faster than the original conv is
-    never chosen, and the summed site latencies stay within the target.
+    never chosen, and the summed site latencies stay within the target (the whole model's bound is
+    ``fxrewrite.budget.whole_model.fit_latency``'s).
     """
-    if not isinstance(target, Target):
-        raise ConfigError(f"target must be a fxrewrite.budget.target.Target, got {type(target).__name__}")
     if method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    prepared = prepare_budget(gm, target, forms, select=select, weights=weights, calibration=calibration,
+                              input_fn=input_fn, latency=latency, max_gram_bytes=max_gram_bytes)
+    return prepared.plan(method=method, objective=objective, buckets=buckets)
+
+
+def prepare_budget(gm: torch.fx.GraphModule, target: Target, forms: str | Iterable[str | Form] = DEFAULT_FORMS, *,
+                   select: Any = None, weights: Mapping[str, float] | None = None,
+                   calibration: Iterable[Any] | None = None, input_fn: Callable[[Any], Sequence[Any]] | None = None,
+                   latency: Any = None, max_gram_bytes: int = 1 << 30) -> PreparedBudget:
+    """The expensive half of ``choose_plan`` (see there for the arguments): every site's candidates with their
+    predicted errors and, with a latency target, their measured layer latencies. ``PreparedBudget.plan`` then chooses
+    for any target with the same bounds kind, so a caller that re-plans (``fit_latency``) computes nothing twice."""
+    if not isinstance(target, Target):
+        raise ConfigError(f"target must be a fxrewrite.budget.target.Target, got {type(target).__name__}")
     timing = _timing(target, latency)
     start = time.perf_counter()
     form_objs = parse_forms(forms) if isinstance(forms, str) else [make_form(f) for f in forms]
@@ -296,51 +311,88 @@ def choose_plan(gm: torch.fx.GraphModule, target: Target, forms: str | Iterable[
                       "measured)") for n in slow]
         considered = [(s, cands) for s, cands in considered if len(cands) > 1]
     t_latency = time.perf_counter() - start - t_candidates
+    return PreparedBudget(target, tuple(considered), tuple(excluded), before.macs, before.params, timed,
+                          tuple(f.name for f in form_objs), weights, t_candidates, t_latency,
+                          "output" if calibration is not None else "weight", timing)
 
-    fixed_m = before.macs - sum(s.macs for s, _ in considered)
-    fixed_p = before.params - sum(s.params for s, _ in considered)
-    budget_m = math.floor(target.macs * before.macs) if target.macs is not None else math.inf
-    budget_p = math.floor(target.params * before.params) if target.params is not None else math.inf
-    lat_before = sum(timed.keep_ms.values()) if timed is not None else 0.0
-    fixed_l = lat_before - sum(timed.keep_ms[s.name] for s, _ in considered) if timed is not None else 0.0
-    budget_l = target.latency * lat_before if target.latency is not None else math.inf
-    names = [f.name for f in form_objs]
-    for what, frac, budget, fixed, total, key in (
-            ("macs", target.macs, budget_m, fixed_m, before.macs, "macs"),
-            ("params", target.params, budget_p, fixed_p, before.params, "params"),
-            ("latency", target.latency, budget_l, fixed_l, lat_before, "latency_ms")):
-        if frac is None:
-            continue
-        minimum = sum(min(getattr(c, key) for c in cands) for _, cands in considered)
-        if fixed + minimum > budget:
-            raise _infeasible(target, what, frac, total, fixed, minimum, len(considered), names, excluded)
-    w = [float(weights.get(s.name, 1.0)) for s, _ in considered]
-    choice = optimise([[c.macs for c in cands] for _, cands in considered],
-                      [[c.params for c in cands] for _, cands in considered],
-                      [[wi * site_loss(c.rel_error, objective) for c in cands]
-                       for wi, (_, cands) in zip(w, considered, strict=True)],
-                      budget_m - fixed_m, budget_p - fixed_p,
-                      latency=[[c.latency_ms for c in cands] for _, cands in considered] if timed else None,
-                      latency_budget=budget_l - fixed_l, method=method, buckets=buckets)
-    if choice is None:
-        raise BudgetInfeasible(f"target {target.describe()} cannot be met jointly with forms {', '.join(names)}: "
-                               "each bound is reachable on its own but no plan found meets all of them; relax one.")
-    choices = tuple(SiteChoice(s.name, cands[j], s.macs, s.params, wi, len(cands),
-                               timed.keep_ms[s.name] if timed else None, timed.pruned[s.name] if timed else 0)
-                    for (s, cands), j, wi in zip(considered, choice, w, strict=True))
-    macs_after = fixed_m + sum(c.candidate.macs for c in choices)
-    params_after = fixed_p + sum(c.candidate.params for c in choices)
-    value = sum(c.weight * site_loss(c.predicted_rel_error, objective) for c in choices)
-    seconds = {"candidates": t_candidates, "optimise": time.perf_counter() - start - t_candidates - t_latency}
-    extra: dict[str, Any] = {"error_metric": "output" if calibration is not None else "weight"}
-    if timed is not None:
-        seconds["latency"] = t_latency
-        extra |= {"latency_before_ms": lat_before,
-                  "latency_after_ms": fixed_l + sum(float(c.candidate.latency_ms or 0.0) for c in choices),
-                  "latency_info": MappingProxyType(timing.describe() | {  # type: ignore[union-attr]
-                      "configs": timed.configs, "off_grid": timed.off_grid})}
-    return BudgetPlan(target, choices, before.macs, before.params, macs_after, params_after, value, method,
-                      tuple(names), MappingProxyType(seconds), tuple(excluded), objective_name=objective, **extra)
+
+@dataclass(frozen=True)
+class PreparedBudget:
+    """Every considered site's candidates (keep first), the sites without any and why, the model totals and, with a
+    latency target, the timings; ``plan(target)`` chooses (see ``choose_plan``)."""
+
+    target: Target
+    considered: tuple[tuple[ConvSite, list[Candidate]], ...]
+    excluded: tuple[tuple[str, str], ...]
+    macs_before: int
+    params_before: int
+    timed: _Timed | None
+    forms: tuple[str, ...]
+    weights: Mapping[str, float]
+    seconds_candidates: float
+    seconds_latency: float
+    error_metric: str
+    timing: Any = None
+
+    def plan(self, target: Target | None = None, *, method: str = "auto", objective: str = "log-cosine",
+             buckets: int | None = None) -> BudgetPlan:
+        """The least-objective plan meeting ``target`` (default: the prepared one; a latency bound needs a prepared
+        latency target, whose measurements it reuses)."""
+        target = self.target if target is None else target
+        if target.latency is not None and self.timed is None:
+            raise ConfigError("this budget was prepared without a latency target: prepare it with one")
+        if method not in METHODS:
+            raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        start = time.perf_counter()
+        considered, timed, weights, names = list(self.considered), self.timed, self.weights, list(self.forms)
+        excluded = list(self.excluded)
+        timed = timed if target.latency is not None else None
+        before_macs, before_params = self.macs_before, self.params_before
+        fixed_m = before_macs - sum(s.macs for s, _ in considered)
+        fixed_p = before_params - sum(s.params for s, _ in considered)
+        budget_m = math.floor(target.macs * before_macs) if target.macs is not None else math.inf
+        budget_p = math.floor(target.params * before_params) if target.params is not None else math.inf
+        lat_before = sum(timed.keep_ms.values()) if timed is not None else 0.0
+        fixed_l = lat_before - sum(timed.keep_ms[s.name] for s, _ in considered) if timed is not None else 0.0
+        budget_l = target.latency * lat_before if target.latency is not None else math.inf
+        for what, frac, budget, fixed, total, key in (
+                ("macs", target.macs, budget_m, fixed_m, before_macs, "macs"),
+                ("params", target.params, budget_p, fixed_p, before_params, "params"),
+                ("latency", target.latency, budget_l, fixed_l, lat_before, "latency_ms")):
+            if frac is None:
+                continue
+            minimum = sum(min(getattr(c, key) for c in cands) for _, cands in considered)
+            if fixed + minimum > budget:
+                raise _infeasible(target, what, frac, total, fixed, minimum, len(considered), names, excluded)
+        w = [float(weights.get(s.name, 1.0)) for s, _ in considered]
+        choice = optimise([[c.macs for c in cands] for _, cands in considered],
+                          [[c.params for c in cands] for _, cands in considered],
+                          [[wi * site_loss(c.rel_error, objective) for c in cands]
+                           for wi, (_, cands) in zip(w, considered, strict=True)],
+                          budget_m - fixed_m, budget_p - fixed_p,
+                          latency=[[c.latency_ms for c in cands] for _, cands in considered] if timed else None,
+                          latency_budget=budget_l - fixed_l, method=method, buckets=buckets)
+        if choice is None:
+            raise BudgetInfeasible(f"target {target.describe()} cannot be met jointly with forms {', '.join(names)}: "
+                                   "each bound is reachable on its own but no plan found meets all of them; relax one.")
+        choices = tuple(SiteChoice(s.name, cands[j], s.macs, s.params, wi, len(cands),
+                                   timed.keep_ms[s.name] if timed else None, timed.pruned[s.name] if timed else 0)
+                        for (s, cands), j, wi in zip(considered, choice, w, strict=True))
+        macs_after = fixed_m + sum(c.candidate.macs for c in choices)
+        params_after = fixed_p + sum(c.candidate.params for c in choices)
+        value = sum(c.weight * site_loss(c.predicted_rel_error, objective) for c in choices)
+        seconds = {"candidates": self.seconds_candidates, "optimise": time.perf_counter() - start}
+        extra: dict[str, Any] = {"error_metric": self.error_metric}
+        if timed is not None:
+            seconds["latency"] = self.seconds_latency
+            extra |= {"latency_before_ms": lat_before,
+                      "latency_after_ms": fixed_l + sum(float(c.candidate.latency_ms or 0.0) for c in choices),
+                      "latency_info": MappingProxyType(self.timing.describe() | {  # type: ignore[union-attr]
+                          "configs": timed.configs, "off_grid": timed.off_grid})}
+        return BudgetPlan(target, choices, before_macs, before_params, macs_after, params_after, value, method,
+                          tuple(names), MappingProxyType(seconds), tuple(excluded), objective_name=objective, **extra)
 
 
 def _timing(target: Target, latency: Any) -> Any:

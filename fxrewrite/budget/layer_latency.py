@@ -8,9 +8,11 @@ same shape share their figures, so resnet18's 20 convolutions need 11 distinct o
 Each round of up to ``chunk`` candidates is timed together with the reference on one random input of the site's
 input shape: ``warmup`` untimed passes over all modules, then ``runs`` timed passes in round-robin order
 (reference, c1, c2, ..., reference, c1, ...), so drift in machine load hits all of them alike; a module's figure is
-the median of its runs in milliseconds. The modules are built with the pass's ``init=random`` (the weights do not
-change the time) and run in eval mode under ``torch.no_grad`` with ``threads`` intra-op threads (default: the
-current ``torch.get_num_threads()``, stated in ``context()``). Backends:
+the median of its runs in milliseconds. The repeats adapt: after 3 runs a round stops once ``round_seconds`` have
+passed, and a candidate already 1.5x slower than the reference is not timed again (it will be pruned as not
+faster). The modules are built with the pass's ``init=random`` (the weights do not change the time) and run in
+eval mode under ``torch.no_grad`` with ``threads`` intra-op threads (default: the current
+``torch.get_num_threads()``, stated in ``context()``). Backends:
 
 - ``eager``: contiguous input and modules as built;
 - ``channels_last``: modules and input converted to ``torch.channels_last``;
@@ -45,11 +47,13 @@ import dataclasses
 import functools
 import importlib
 import json
+import math
 import os
 import platform
 import statistics
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -179,6 +183,9 @@ class _ModuleTimer:
     runs: int
     warmup: int
     threads: int
+    round_seconds: float = math.inf
+    min_runs: int = 3
+    drop_above: float = 1.5
 
     def __call__(self, rnd: Sequence[tuple[LayerConfig, Builder]]) -> list[float]:
         config = rnd[0][0]
@@ -199,11 +206,31 @@ class _ModuleTimer:
             else:
                 calls = [functools.partial(m, x) for m in modules]
             try:
-                times = time_round_robin(calls, self.runs, self.warmup, sync)
-                return [statistics.median(t) * 1e3 for t in times]
+                return [t * 1e3 for t in self._adaptive(calls, sync)]
             finally:
                 if keep_alive is not None:
                     keep_alive.cleanup()
+
+
+    def _adaptive(self, calls: Sequence[Callable[[], Any]], sync: Callable[[], None]) -> list[float]:
+        """Median seconds per call: ``warmup`` rounds, then rounds of one call each (interleaved) until ``runs``;
+        after ``min_runs`` it stops once ``round_seconds`` have passed, and a candidate already ``drop_above`` times
+        slower than the reference (index 0) is not timed further (it cannot win: it will be pruned as not faster)."""
+        times: list[list[float]] = [[] for _ in calls]
+        active = list(range(len(calls)))
+        start = time.perf_counter()
+        for n in range(self.runs):
+            for i, t in zip(active, time_round_robin([calls[i] for i in active], 1, self.warmup if n == 0 else 0,
+                                                    sync), strict=True):
+                times[i].extend(t)
+            if n == 0:
+                start = time.perf_counter()  # the warm-up is not part of the round's time budget
+            if n + 1 >= self.min_runs:
+                if time.perf_counter() - start > self.round_seconds:
+                    break
+                ref = statistics.median(times[0])
+                active = [i for i in active if i == 0 or statistics.median(times[i]) <= self.drop_above * ref]
+        return [statistics.median(t) for t in times]
 
 
 # ------------------------------------------------------------------------------------------------------ cache
@@ -234,7 +261,9 @@ class LayerLatency:
     (median), ``threads`` (None: the current torch setting), ``cache`` (a JSON file; None: the environment variable
     ``FXREWRITE_LATENCY_CACHE`` or memory only), ``progress`` (a tqdm bar on stderr), ``timer`` (replaces the
     measurement), ``chunk`` (candidates per round), ``rank_grid`` (latency mode times only ranks 1-4 and
-    2^a, 3 * 2^a: about two per octave, see ``on_rank_grid``). ``measured`` / ``cached`` count configurations
+    2^a, 3 * 2^a: about two per octave, see ``on_rank_grid``), ``round_seconds`` (a round stops after at least 3
+    runs once this many seconds have passed, and stops timing a candidate already 1.5x slower than the original:
+    it cannot win, so planning stays bounded at large batches). ``measured`` / ``cached`` count configurations
     measured / served from the caches by this object."""
 
     backend: str = "eager"
@@ -246,6 +275,7 @@ class LayerLatency:
     timer: Timer | None = None
     chunk: int = 16
     rank_grid: bool = True
+    round_seconds: float = 2.0
     measured: int = field(default=0, init=False)
     cached: int = field(default=0, init=False)
 
@@ -276,7 +306,8 @@ class LayerLatency:
         return out
 
     def describe(self) -> dict[str, Any]:
-        return self.context() | {"runs": self.runs, "warmup": self.warmup, "measured": self.measured,
+        return self.context() | {"runs": self.runs, "warmup": self.warmup, "round_seconds": self.round_seconds,
+                                 "measured": self.measured,
                                  "cached": self.cached, "cache": str(self.cache_path) if self.cache_path else None}
 
     def key(self, config: LayerConfig, context: Mapping[str, Any] | None = None) -> str:
@@ -315,7 +346,7 @@ class LayerLatency:
         if total:
             from fxrewrite.measure.latency import torch_threads
             timer = self.timer or _ModuleTimer(self.backend, self.runs, self.warmup,
-                                               self.threads or torch.get_num_threads())
+                                               self.threads or torch.get_num_threads(), self.round_seconds)
             bar = _bar(self.progress, total, f"layer latency ({self.backend})")
             try:
                 with torch_threads(self.threads), warnings.catch_warnings():

@@ -72,7 +72,9 @@ class BudgetPlan:
     with ``fxrewrite.apply_plan``. With a latency target, ``latency_before_ms`` / ``latency_after_ms`` are the summed
     measured latencies of the conv sites before and (predicted from the per-layer figures) after, and
     ``latency_info`` says how they were measured; ``latency_check(report)`` compares the prediction with a
-    whole-model measurement.
+    whole-model measurement. ``model_latency`` (latency targets, from ``fxrewrite.budget.whole_model.fit_latency``):
+    the bound on the whole model, what was timed, every round of measuring and tightening, the seconds it took and
+    the accepted plan's ``timing``.
     """
 
     target: Target
@@ -91,6 +93,7 @@ class BudgetPlan:
     latency_before_ms: float | None = None
     latency_after_ms: float | None = None
     latency_info: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    model_latency: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def macs_fraction(self) -> float:
@@ -216,7 +219,13 @@ class BudgetPlan:
         return {"latency": {"sites_before_ms": self.latency_before_ms, "sites_after_ms": self.latency_after_ms,
                             "sites_fraction": self.latency_fraction, **self.latency_info,
                             "pruned_slower": sum(c.pruned_slower for c in self.choices),
-                            "model": check}}
+                            "model": check, "whole_model": self._model_latency_dict()}}
+
+    def _model_latency_dict(self) -> dict[str, Any] | None:
+        if not self.model_latency:
+            return None
+        timing = self.model_latency.get("timing")
+        return dict(self.model_latency) | {"timing": timing.to_dict() if timing is not None else None}
 
     def to_json(self, indent: int | None = 2, result: Any = None, latency: Any = None) -> str:
         return json.dumps(self.to_dict(result, latency), indent=indent)
@@ -271,6 +280,13 @@ class BudgetPlan:
                 head += (f"; model: measured {check['measured_original_ms']:.3f} ms -> "
                          f"{check['measured_rewritten_ms']:.3f} ms, predicted {check['predicted_rewritten_ms']:.3f} "
                          f"ms (predicted / measured {check['predicted_over_measured']:.3f})")
+        if self.model_latency:
+            m = self.model_latency
+            timing = m.get("timing")
+            measured = (f"measured {timing.ratio:.3f}x ({timing.rewritten_ms:.3f} ms vs {timing.original_ms:.3f} ms)"
+                        if timing is not None else "nothing rewritten")
+            head += (f"\nwhole-model latency bound {m['bound']:g}x: {measured} after {len(m['rounds'])} measured "
+                     f"plan(s); planning took {sum(self.seconds.values()):.1f} s; timed {m['timed']}")
         return head + "\n" + tabulate(rows, headers=headers, tablefmt=tablefmt)
 
     def __str__(self) -> str:

@@ -51,8 +51,16 @@ def _fraction(name: str, value: object) -> float | None:
 @dataclass(frozen=True)
 class Target:
     """Upper bounds on the rewritten model's totals as fractions of the original's (``macs=0.5``: at most half the
-    MACs; ``latency=0.5``: at most half the summed latency of the conv sites, measured per layer on ``backend``, see
-    ``fxrewrite.budget.layer_latency``). At least one bound must be given; any may be combined.
+    MACs; ``latency=0.5``: at most half the original **whole model's** latency, measured on ``backend`` at the
+    example inputs: per-layer timings (``fxrewrite.budget.layer_latency``) guide the search, then the plan is measured
+    as a whole and tightened until it holds, see ``fxrewrite.budget.whole_model``). At least one bound must be given;
+    any may be combined.
+
+    ``check_latency`` (default True): with any target, ``rewrite`` times the whole original and rewritten model on
+    the example inputs (``backend``; eager for a MAC / params target; a bounded number of interleaved runs) and says
+    in the report (section ``whole-model latency``, JSON ``context["model_latency"]``) and with a ``UserWarning``
+    when the rewritten model is slower. ``check_latency=False`` skips that measurement (a latency target still
+    measures: it cannot be met otherwise).
 
     >>> Target(macs=0.5).describe()
     'macs <= 0.5x'
@@ -67,6 +75,7 @@ class Target:
     params: float | None = None
     latency: float | None = None
     backend: str = "eager"
+    check_latency: bool = True
 
     def __post_init__(self) -> None:
         from fxrewrite.budget.layer_latency import BACKENDS
@@ -77,6 +86,8 @@ class Target:
                               "totals), e.g. Target(macs=0.5)")
         if self.backend not in BACKENDS:
             raise ConfigError(f"Target: unknown latency backend {self.backend!r}; valid: {', '.join(BACKENDS)}")
+        if not isinstance(self.check_latency, bool):
+            raise ConfigError(f"Target: check_latency must be True or False, got {self.check_latency!r}")
         if latency is None and self.backend != "eager":
             raise ConfigError(f"Target: backend={self.backend!r} only applies to a latency target; add latency=, "
                               "e.g. Target(latency=0.5, backend=...)")
@@ -94,4 +105,6 @@ class Target:
         out: dict[str, Any] = {"macs": self.macs, "params": self.params}
         if self.latency is not None:
             out |= {"latency": self.latency, "backend": self.backend}
+        if not self.check_latency:
+            out["check_latency"] = False
         return out

@@ -246,11 +246,11 @@ def rewrite_graph(model: nn.Module, example_inputs: Any, passes: PassesArg = Non
     if target is not None:
         if pipeline:
             raise ConfigError("give either passes= or target=, not both: a target chooses the passes per site")
-        from fxrewrite.budget.choose import choose_plan
         from fxrewrite.budget.forms import DEFAULT_FORMS
+        from fxrewrite.budget.whole_model import plan_budget
         with dropping_hooks(gm, drop_hooks):
-            budget_plan = choose_plan(gm, target, forms=forms or DEFAULT_FORMS, select=select, calibration=calibration,
-                                      input_fn=dict(calibration_options or {}).get("input_fn"))
+            budget_plan = plan_budget(model, gm, inputs, target, forms=forms or DEFAULT_FORMS, select=select,
+                                      calibration=calibration, input_fn=dict(calibration_options or {}).get("input_fn"))
             result = budget_plan.apply(gm)
     else:
         result = PassManager(pipeline, prep.rules, drop_hooks=drop_hooks)(gm)
@@ -279,9 +279,14 @@ def rewrite_graph(model: nn.Module, example_inputs: Any, passes: PassesArg = Non
     if latency:
         options = dict(latency) if isinstance(latency, Mapping) else {}
         measured = measure_latency(model, result.graph_module, inputs, **options)
-    if budget_plan is not None:
-        context["budget"] = budget_plan.to_dict(result, latency=measured)
     sections = (("repair (data-aware refit on the calibration data)", str(repaired)),) if repaired else ()
+    if budget_plan is not None:
+        from fxrewrite.budget.whole_model import check_model_latency
+        model_timing = check_model_latency(model, result.graph_module, inputs, budget_plan)
+        if model_timing is not None:
+            context["model_latency"] = model_timing.to_dict()
+            sections += (("whole-model latency (Target check_latency)", model_timing.line()),)
+        context["budget"] = budget_plan.to_dict(result, latency=measured)
     report = Report(result.records, title="fxrewrite rewrite", context=context, costs=costs,
                     verification=verification, latency=measured, extra_sections=sections,
                     not_visible=hidden)
