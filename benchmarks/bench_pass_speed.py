@@ -8,7 +8,13 @@ pointwise replacement, one ``replace_pattern`` call per conv (that API matches o
 module target is part of the pattern). Medians of repeated runs, side by side in one process, on one torch thread by
 default (``--threads``: the factorisation runs on one thread whatever the setting, see ``factorize.one_thread``).
 
-Run alone: ``.venv/bin/python -m benchmarks.bench_pass_speed [--quick] [--threads N]``.
+The second table is the path users call: ``fxrewrite.rewrite(model, (x,), passes="depthwise-separable{rank=1}")``
+with its default options (capture, shapes, the pass, verification with numerics, the report), and the same with
+``verify=False``, side by side with ``torch.fx.symbolic_trace`` and one eager forward pass (``torch.no_grad``) of the
+same model, on one thread; its chain rows give the time per conv and the log-log slope of the whole path's time in
+the conv count (linear: 1.0).
+
+Run alone: ``.venv/bin/python -m benchmarks.bench_pass_speed [--quick] [--threads N] [--path-only]``.
 """
 
 from __future__ import annotations
@@ -17,11 +23,13 @@ import argparse
 import copy
 import math
 import sys
+from typing import Any
 
 import torch
 import torchvision
 from torch import nn
 
+import fxrewrite
 from benchmarks.common import median_time, write_results
 from fxrewrite.graph.capture import trace
 from fxrewrite.graph.shapes import propagate_shapes
@@ -101,6 +109,59 @@ def _put(root: nn.Module, qualname: str, module: nn.Module) -> None:
     root.add_module(parts[-1], module)
 
 
+PATH_PASSES = "depthwise-separable{rank=1}"
+
+
+def path_cases(quick: bool) -> list[tuple[str, nn.Module, torch.Tensor]]:
+    """The models of the default-path table: (name, model, example input)."""
+    if quick:
+        return [("resnet50 64x64", torchvision.models.resnet50().eval(), torch.randn(1, 3, 64, 64)),
+                ("chain-100", ConvChain(100).eval(), torch.randn(1, 16, 8, 8)),
+                ("chain-300", ConvChain(300).eval(), torch.randn(1, 16, 8, 8))]
+    return [("resnet152 64x64", torchvision.models.resnet152().eval(), torch.randn(1, 3, 64, 64)),
+            ("resnet50 224x224", torchvision.models.resnet50().eval(), torch.randn(1, 3, 224, 224)),
+            *[(f"chain-{n}", ConvChain(n).eval(), torch.randn(1, 16, 8, 8)) for n in (1000, 3000, 5000)]]
+
+
+def path_row(name: str, model: nn.Module, x: torch.Tensor, runs: int) -> list[Any]:
+    """One row: symbolic_trace, one forward, rewrite() with defaults and with verify=False (medians, ms)."""
+    trace_s = median_time(lambda: torch.fx.symbolic_trace(model), runs=runs)
+    with torch.no_grad():
+        forward_s = median_time(lambda: model(x), runs=runs)
+    verified = fxrewrite.rewrite(model, (x,), passes=PATH_PASSES)
+    assert verified.verification is not None and verified.verification.ok, verified.verification
+    convs = sum(r.status == "rewritten" for r in verified.report.records)
+    warm = 0 if name.startswith("chain-") else 1
+    default_s = median_time(lambda: fxrewrite.rewrite(model, (x,), passes=PATH_PASSES), runs=runs, warmup=warm)
+    plain_s = median_time(lambda: fxrewrite.rewrite(model, (x,), passes=PATH_PASSES, verify=False), runs=runs,
+                          warmup=warm)
+    base = trace_s + forward_s
+    return [name, convs, trace_s * 1e3, forward_s * 1e3, default_s * 1e3, default_s / base, plain_s * 1e3,
+            plain_s / base, default_s / max(convs, 1) * 1e3]
+
+
+def path_table(quick: bool) -> str:
+    rows = []
+    for name, model, x in path_cases(quick):
+        runs = 1 if name in ("chain-3000", "chain-5000") else 3
+        rows.append(path_row(name, model, x, runs))
+        print(f"{name}: {rows[-1]}", file=sys.stderr)
+    notes = [f"rewrite() = fxrewrite.rewrite(model, (x,), passes={PATH_PASSES!r}) with default options (capture, "
+             "shape propagation, the pass, verification with numerics on the example input, the report); "
+             "verify=False leaves the verification out; x / (trace + forward) = its time over symbolic_trace plus "
+             "one eager forward (no_grad) of the same model, measured in the same run (goal <= 5x). Medians of 3 "
+             f"(1 for 3000+ convs); torch intra-op threads = {torch.get_num_threads()}."]
+    chains = {int(r[0].split("-")[1]): r[4] for r in rows if r[0].startswith("chain-")}
+    if len(chains) >= 2:
+        (n0, t0), (n1, t1) = min(chains.items()), max(chains.items())
+        notes.append(f"log-log slope of rewrite() time, {n0} -> {n1} convs: "
+                     f"{math.log(t1 / t0) / math.log(n1 / n0):.3f} (goal <= 1.1; 1.0 is linear)")
+    headers = ["model", "convs rewritten", "symbolic_trace ms", "forward ms", "rewrite() ms", "rewrite() / (trace + "
+               "forward)", "verify=False ms", "verify=False / (trace + forward)", "rewrite() ms per conv"]
+    return write_results("rewrite_path_speed" + ("_quick" if quick else ""), "rewrite() as users call it (CPU)",
+                         headers, rows, notes)
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small subset (resnet50, chains of 100 and 1000)")
@@ -108,9 +169,14 @@ def main(argv: list[str] | None = None) -> str:
                         help="torch intra-op threads (default 1: stable on a shared 2-core machine)")
     parser.add_argument("--anchor-all", action="store_true",
                         help="also run the replace_pattern anchor on the 1000-conv chain (minutes)")
+    parser.add_argument("--path-only", action="store_true",
+                        help="only the table of rewrite() as users call it (default options)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    path_md = path_table(args.quick)
+    if args.path_only:
+        return path_md
     cases: list[tuple[str, nn.Module, torch.Tensor]] = [
         ("resnet50", torchvision.models.resnet50().eval(), torch.randn(1, 3, 224, 224))]
     if not args.quick:
@@ -147,7 +213,8 @@ def main(argv: list[str] | None = None) -> str:
         notes.append(f"log-log slope of total rewrite time, 1000 -> 5000 convs: {slope:.3f} (goal <= 1.1)")
     headers = ["model", "convs rewritten", "symbolic_trace ms", "fxrewrite ms", "fxrewrite / trace",
                "replace_pattern ms", "replace_pattern / fxrewrite", "fxrewrite us per conv"]
-    return write_results("pass_speed" + ("_quick" if args.quick else ""), "Pass speed (CPU)", headers, rows, notes)
+    md = write_results("pass_speed" + ("_quick" if args.quick else ""), "Pass speed (CPU)", headers, rows, notes)
+    return md + "\n" + path_md
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Shared helpers for the benchmarks: timing (median of N), environment facts, and result files (JSON + Markdown).
 
-Every benchmark writes ``benchmarks/results/<name>.json`` and ``<name>.md``; the README quotes the Markdown.
+Every benchmark writes ``benchmarks/results/<name>.json`` and ``<name>.md``; the README quotes the Markdown. A quick
+run (a name ending in ``_quick``, ``make bench-quick``) writes to ``benchmarks/results/quick/`` instead, which git
+ignores: a quick run never leaves a checkout dirty.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from tabulate import tabulate
 
 RESULTS = Path(__file__).resolve().parent / "results"
+QUICK_RESULTS = RESULTS / "quick"  # git-ignored
 
 
 def median_time(fn: Callable[[], Any], runs: int = 5, warmup: int = 1) -> float:
@@ -40,8 +43,10 @@ def environment() -> dict[str, Any]:
 
 def write_results(name: str, title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]],
                   notes: Sequence[str] = (), extra: dict[str, Any] | None = None) -> str:
-    """Write JSON and Markdown results atomically; returns the Markdown text."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """Write JSON and Markdown results atomically (a ``*_quick`` name to the ignored ``QUICK_RESULTS``); returns the
+    Markdown text."""
+    folder = QUICK_RESULTS if name.endswith("_quick") else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
     env = environment()
     doc = {"benchmark": name, "title": title, "environment": env, "headers": list(headers),
            "rows": [list(r) for r in rows], "notes": list(notes), **(extra or {})}
@@ -50,7 +55,7 @@ def write_results(name: str, title: str, headers: Sequence[str], rows: Sequence[
                     f"- environment: torch {env['torch']}, {env['cpus']} CPUs, {env['torch_threads']} torch threads, "
                     f"{env['date']}", ""])
     for suffix, text in ((".json", json.dumps(doc, indent=2, default=str)), (".md", md)):
-        target = RESULTS / f"{name}{suffix}"
+        target = folder / f"{name}{suffix}"
         tmp = target.with_suffix(suffix + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, target)
