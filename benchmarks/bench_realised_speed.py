@@ -4,7 +4,8 @@ For resnet18, resnet50 and vgg16 (random weights: speed does not depend on value
 depthwise-separable rank 1, grouped g=4 and g=32, and grouped-separable g=4 rank 4 (every eligible site), the
 median latency of the original and of every rewritten model is measured side by side in one process (round robin:
 each round calls all five once), eager contiguous and channels_last, batch 1 and 8 (and onnxruntime when it is
-installed). "realised" = (1 - latency ratio) /
+installed), and compiled with ``torch.compile`` (inductor, contiguous; the compilation happens in the warm-up round
+and is not timed; ``--no-compiled`` skips it, ``--quick`` too). "realised" = (1 - latency ratio) /
 (1 - MAC ratio): the share of the MAC saving that the latency realises (1.0 = the limit; < 0 = slower).
 
 Run alone: ``.venv/bin/python -m benchmarks.bench_realised_speed [--quick] [--device cuda]``.
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> str:
                         "the CPU; 30 on CUDA)")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8)")
     parser.add_argument("--models", default=None, help="comma-separated torchvision model names")
+    parser.add_argument("--no-compiled", action="store_true", help="skip the torch.compile (inductor) rows")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: stable on a shared 2-core machine)")
     args = parser.parse_args(argv)
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> str:
             for batch in batches:
                 runs = args.runs or _runs(device, args.quick, batch)
                 x = torch.randn(batch, 3, 224, 224)
-                for backend, calls in _backends(modules, x, device):
+                for backend, calls in _backends(modules, x, device, compiled=not (args.quick or args.no_compiled)):
                     # the original and every variant in turn, round after round: load reaches them alike
                     times = [statistics.median(t) for t in time_round_robin(calls, runs, 1, sync)]
                     for (label, (_, mac_ratio)), t1 in zip(rewritten.items(), times[1:], strict=True):
@@ -116,9 +118,11 @@ def main(argv: list[str] | None = None) -> str:
     return write_results("realised_speed" + suffix, f"Realised speed ({device})", headers, rows, notes)
 
 
-def _backends(modules: list[nn.Module], x: torch.Tensor, device: str) -> list[tuple[str, list[Callable[[], Any]]]]:
-    """Per backend, one call per module on ``x``: eager contiguous and channels_last, and onnxruntime on the CPU
-    when it is installed."""
+def _backends(modules: list[nn.Module], x: torch.Tensor, device: str, compiled: bool = False
+              ) -> list[tuple[str, list[Callable[[], Any]]]]:
+    """Per backend, one call per module on ``x``: eager contiguous and channels_last, onnxruntime on the CPU when it
+    is installed, and with ``compiled`` every module compiled by ``torch.compile`` (inductor; compiled on the first
+    call, which the timing's warm-up round makes)."""
     out = []
     for layout in ("contiguous", "channels_last"):
         xin = x.to(device)
@@ -130,6 +134,11 @@ def _backends(modules: list[nn.Module], x: torch.Tensor, device: str) -> list[tu
         sessions = [_ort_session(m, x) for m in modules]
         if all(s is not None for s in sessions):
             out.append(("onnxruntime (cpu)", sessions))
+    if compiled:
+        xin = x.to(device)
+        prepared = [torch.compile(_prepare(m, "contiguous", device), backend="inductor", dynamic=False)
+                    for m in modules]
+        out.append((f"inductor ({device})", [lambda m=m, i=xin: m(i) for m in prepared]))
     return out
 
 

@@ -211,3 +211,35 @@ def test_time_models_options_are_checked() -> None:
         time_models(a, a, (torch.randn(1, 1, 2, 2),), "tpu")
     with pytest.raises(ConfigError, match="min_runs"):
         time_models(a, a, (torch.randn(1, 1, 2, 2),), min_runs=5, max_runs=2)
+
+
+def test_inductor_layer_guide_times_only_the_originals_and_scales_candidates_by_macs() -> None:
+    """backend="inductor": compiling every candidate is too slow, so per layer only the originals are timed and each
+    candidate is the original's figure times its MAC fraction; the whole model decides (compiled)."""
+    timed: list[LayerConfig] = []
+
+    def fake(rnd: Sequence[tuple[LayerConfig, Any]]) -> list[float]:
+        timed.extend(c for c, _ in rnd)
+        return [2.0 for _ in rnd]
+
+    torch.manual_seed(0)
+    gm = trace(Three().eval())
+    propagate_shapes(gm, (torch.randn(1, 8, 16, 16),))
+    timing = LayerLatency(backend="inductor", timer=fake, progress=False)
+    prepared = prepare_budget(gm, Target(latency=0.5, backend="inductor"), ("grouped",), latency=timing)
+    assert timed and all(c.form == "keep" for c in timed)
+    for site, cands in prepared.considered:
+        for c in cands[1:]:
+            assert c.latency_ms == pytest.approx(2.0 * c.macs / site.macs)
+    plan = prepared.plan()
+    assert plan.latency_fraction is not None and plan.latency_fraction <= 0.5
+
+
+@pytest.mark.slow
+def test_inductor_whole_model_timing() -> None:
+    """The compiled backend for real (minutes on a cold compile cache): both models compiled, timed, bounded."""
+    pytest.importorskip("torch._inductor")
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU()).eval()
+    t = time_models(model, nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU()).eval(), (torch.randn(1, 8, 8, 8),),
+                    "inductor", max_runs=3, min_runs=2)
+    assert t.backend == "inductor" and t.original_ms > 0 and t.runs >= 2

@@ -3,7 +3,8 @@
 **The check** (``check_model_latency``, run by ``rewrite`` with any ``Target`` unless ``check_latency=False``):
 the original and the rewritten model are timed on the example inputs (``time_models``: ``warmup`` untimed rounds,
 then rounds of one call of each, interleaved, until ``max_runs`` rounds or ``max_seconds`` have passed after at least
-``min_runs``; the figure is the median in milliseconds) on the target's backend (eager for a MAC / params target).
+``min_runs``; the figure is the median in milliseconds) on the target's backend (eager for a MAC / params target;
+``inductor``: both compiled with ``torch.compile``, the compilation in the untimed warm-up).
 The report gets a ``whole-model latency`` section and ``context["model_latency"]``; a rewritten model slower than
 the original by more than ``SLOWER_TOLERANCE`` (2%, above the noise of interleaved medians) also raises a
 ``UserWarning``, because a MAC saving does not always buy time (a 1x1 conv after a depthwise one reads and writes
@@ -36,6 +37,7 @@ import statistics
 import tempfile
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -140,8 +142,19 @@ def _calls(original: nn.Module, rewritten: nn.Module, inputs: tuple[Any, ...], b
         models = [copy.deepcopy(m).to(memory_format=torch.channels_last) for m in models]
         xs = _map(xs, lambda x: x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
     elif backend == "inductor":
-        models = [torch.compile(m, backend="inductor", dynamic=False) for m in models]
+        models = [_compiled(m) for m in models]
     return [lambda m=m: m(*xs) for m in models], sync, None, str(device)
+
+
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+
+
+def _compiled(module: nn.Module) -> nn.Module:
+    """``torch.compile(module)`` (inductor), once per module object: the original is compiled once however many
+    plans are measured against it."""
+    if module not in _COMPILED:
+        _COMPILED[module] = torch.compile(module, backend="inductor", dynamic=False)
+    return _COMPILED[module]
 
 
 def time_models(original: nn.Module, rewritten: nn.Module, inputs: Sequence[Any], backend: str = "eager", *,
