@@ -243,3 +243,14 @@ def test_inductor_whole_model_timing() -> None:
     t = time_models(model, nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU()).eval(), (torch.randn(1, 8, 8, 8),),
                     "inductor", max_runs=3, min_runs=2)
     assert t.backend == "inductor" and t.original_ms > 0 and t.runs >= 2
+
+
+def test_a_check_that_cannot_time_warns_and_the_rewrite_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_: Any, **__: Any) -> ModelTiming:
+        raise RuntimeError("no timer here")
+
+    monkeypatch.setattr(whole_model, "time_models", broken)
+    with pytest.warns(UserWarning, match="could not time the whole model on eager .*no timer here"):
+        result = fxrewrite.rewrite(Three().eval(), (torch.randn(1, 8, 16, 16),), target=Target(macs=0.5),
+                                   verify=False)
+    assert result.budget.changed and "model_latency" not in result.report.context
