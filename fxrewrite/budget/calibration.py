@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from fxrewrite.errors import ConfigError
 from fxrewrite.graph.recorder import node_values
 from fxrewrite.graph.sites import ConvSite
+from fxrewrite.maths.column_sketch import DEFAULT_MEMORY_CAP, ColumnSketch, sketch_width
 from fxrewrite.maths.im2col import im2col
 from fxrewrite.maths.output_error import SiteStats
 from fxrewrite.passes.building import conv_module
@@ -31,45 +32,86 @@ from fxrewrite.util.distributed import all_reduce
 from fxrewrite.util.inputs import calibration_inputs, check_reiterable, to_device
 from fxrewrite.util.runtime import device_of, eval_mode
 
-__all__ = ["collect_site_stats"]
+__all__ = ["DEFAULT_MEMORY_CAP", "collect_site_stats", "site_memory"]
 
 
 class _GramSum:
-    """Running sums for one site: Gram and column sums of the im2col columns (float32 per chunk, float64 sums)."""
+    """Running sums for one site: Gram and column sums of the im2col columns (float32 per chunk, float64 sums), or,
+    with ``width``, a column sketch (``fxrewrite.maths.column_sketch``) and the exact output energy instead."""
 
-    def __init__(self, conv: nn.Conv2d, device: torch.device | None) -> None:
+    def __init__(self, conv: nn.Conv2d, device: torch.device | None, cap: int, width: int | None = None) -> None:
         g = conv.groups
         d = conv.in_channels // g * conv.kernel_size[0] * conv.kernel_size[1]
         self.conv = conv
-        self.gram = torch.zeros(g, d, d, dtype=torch.float64, device=device)
-        self.sums = torch.zeros(g, d, dtype=torch.float64, device=device)
+        self.cap = cap
+        # im2col elements per chunk: float32 + float64 copies within cap / 8 (64 MiB float32 at the default cap)
+        self.chunk = min(_GRAM_CHUNK, max(1, cap // 64 if width is None else cap // 160))
+        self.sketch = None if width is None else ColumnSketch(g, d, width, device=device)
+        dense = self.sketch is None
+        self.gram = torch.zeros(g, d, d, dtype=torch.float64, device=device) if dense else None
+        self.sums = torch.zeros(g, d, dtype=torch.float64, device=device) if dense else None
         self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.energy = torch.zeros((), dtype=torch.float64, device=device)
 
     def add(self, x: Tensor) -> None:
         n = x.shape[0]
         per_sample = max(1, math.prod(int(v) for v in x.shape[1:]) * self.conv.kernel_size[0]
                          * self.conv.kernel_size[1])
-        step = max(1, _GRAM_CHUNK // per_sample)
+        step = max(1, self.chunk // per_sample)
         for i in range(0, n, step):
             cols = im2col(self.conv, x[i:i + step].detach())
             cols = cols if cols.dtype in (torch.float32, torch.float64) else cols.float()
+            self.count += cols.shape[-1]
+            if self.sketch is not None:
+                self.sketch.add(cols)
+                self.energy += self._output(cols).square().sum()
+                continue
+            assert self.gram is not None and self.sums is not None
             self.gram += (cols @ cols.mT).to(torch.float64)
             self.sums += cols.sum(dim=-1).to(torch.float64)
-            self.count += cols.shape[-1]
 
-    def stats(self) -> SiteStats:
-        all_reduce(self.gram, self.sums, self.count)
+    def _output(self, cols: Tensor) -> Tensor:
+        """The conv's output on ``cols`` (G, m, n), float64."""
         conv = self.conv
         g, m = conv.groups, conv.out_channels // conv.groups
+        y = conv.weight.detach().reshape(g, m, -1).to(cols.dtype) @ cols
+        y = y.to(torch.float64)
+        return y if conv.bias is None else y + conv.bias.detach().to(torch.float64).reshape(g, m, 1).to(cols.device)
+
+    def stats(self) -> SiteStats:
+        conv = self.conv
+        g, m = conv.groups, conv.out_channels // conv.groups
+        if self.sketch is not None:
+            all_reduce(self.sketch.factor, self.count, self.energy)
+            w = conv.weight.detach().to(torch.float64).reshape(g, m, -1)
+            return SiteStats(None, w.cpu(), float(self.energy), int(self.count), factor=self.sketch.columns().cpu(),
+                             method=self.sketch.method, memory_cap=self.cap)
+        assert self.gram is not None and self.sums is not None
+        all_reduce(self.gram, self.sums, self.count)
         w = conv.weight.detach().to(torch.float64).reshape(g, m, -1).to(self.gram.device)
         energy = float(((w @ self.gram) * w).sum())
         if conv.bias is not None:
             b = conv.bias.detach().to(torch.float64).reshape(g, m).to(self.gram.device)
             energy += float(2 * (b * (w @ self.sums[..., None])[..., 0]).sum() + self.count * b.square().sum())
-        return SiteStats(self.gram.cpu(), w.cpu(), energy, int(self.count))
+        return SiteStats(self.gram.cpu(), w.cpu(), energy, int(self.count), memory_cap=self.cap)
 
 
 _GRAM_CHUNK = 1 << 24  # float32 im2col elements per chunk (64 MiB): bounds the transient memory of a batch
+
+
+def site_memory(spec: Any, cap: int) -> tuple[int, int, int | None]:
+    """``(kept, working, width)`` for a conv ``spec`` under ``cap`` bytes: the bytes its statistics keep, the bytes
+    the formulas and the accumulation need on top while it is in use, and the sketch width (None: the dense Gram).
+    The dense ``G x d x d`` float64 Gram is used when it and its working set (a float32 and a float64 copy while
+    accumulating, the float32 matrices of the error formulas) take at most ``cap``: 3x the Gram; otherwise a
+    column sketch of ``sketch_width(cap, G, d)`` columns (a quarter of the cap) and a working set of half the cap."""
+    g = spec.groups
+    d = spec.in_channels // g * spec.kernel_size[0] * spec.kernel_size[1]
+    gram = g * d * d * 8
+    if 3 * gram <= cap:
+        return gram, 2 * gram, None
+    width = sketch_width(cap, g, d)
+    return g * d * width * 8, cap // 2, width
 
 
 def _conv_input(node: torch.fx.Node) -> torch.fx.Node:
@@ -81,29 +123,39 @@ def _conv_input(node: torch.fx.Node) -> torch.fx.Node:
 
 def collect_site_stats(gm: torch.fx.GraphModule, sites: Sequence[ConvSite], data: Iterable[Any], *,
                        input_fn: Callable[[Any], Sequence[Any]] | None = None,
-                       max_bytes: int = 1 << 30) -> Iterator[tuple[ConvSite, SiteStats]]:
+                       max_bytes: int = DEFAULT_MEMORY_CAP) -> Iterator[tuple[ConvSite, SiteStats]]:
     """``(site, SiteStats)`` for every site, in graph order, from running ``gm`` (eval mode, no grad) on ``data``
-    (input tuples or tensors; ``input_fn`` maps items to inputs). Sites are taken in chunks whose Gram matrices
-    fit ``max_bytes`` together (one pass over the data per chunk, stopping at the chunk's last input), and each
-    chunk's statistics are yielded before the next is collected, so memory stays bounded."""
+    (input tuples or tensors; ``input_fn`` maps items to inputs).
+
+    ``max_bytes`` is the **memory cap** of the statistics and of the error formulas that read them (default 1 GiB;
+    ``choose_plan(max_gram_bytes=...)``). A site whose dense Gram with its working set fits (``site_memory``: 3x
+    the Gram) keeps the ``G x d x d`` Gram (``SiteStats.method == "gram"``, unchanged); a larger one keeps a column
+    sketch of ``d x l`` numbers instead (``"columns"``: exact, the unfolded columns themselves, while the data has
+    at most ``l`` of them; ``"sketch"``: an unbiased count sketch beyond, output errors within a few percent, see
+    ``fxrewrite.maths.column_sketch``), and its output energy exactly. Sites are taken in chunks whose kept
+    statistics plus the largest working set fit the cap (one pass over the data per chunk, stopping at the
+    chunk's last input), and each chunk's statistics are yielded before the next is collected."""
+    cap = int(max_bytes)
+    if cap < 1 << 20:
+        raise ConfigError(f"the calibration memory cap must be at least 1 MiB, got {max_bytes!r} bytes")
     nodes = {n.name: n for n in gm.graph.nodes}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     todo = sorted(sites, key=lambda s: order[nodes[s.node]])
     chunks: list[list[ConvSite]] = []
-    size = 0
+    widths: dict[str, int | None] = {}
+    size = work = 0
     for s in todo:
-        d = s.spec.in_channels // s.spec.groups * s.spec.kernel_size[0] * s.spec.kernel_size[1]
-        need = s.spec.groups * d * d * 8
-        if not chunks or size + need > max_bytes:
+        kept, working, widths[s.name] = site_memory(s.spec, cap)
+        if not chunks or size + kept + max(work, working) > cap:
             chunks.append([])
-            size = 0
+            size = work = 0
         chunks[-1].append(s)
-        size += need
+        size, work = size + kept, max(work, working)
     if len(chunks) > 1:
         check_reiterable(data)
     device = device_of(gm)
     for chunk in chunks:
-        sums = {s.name: _GramSum(conv_module(gm, s), device) for s in chunk}
+        sums = {s.name: _GramSum(conv_module(gm, s), device, cap, widths[s.name]) for s in chunk}
         inputs_of: dict[torch.fx.Node, list[str]] = {}
         for s in chunk:
             inputs_of.setdefault(_conv_input(nodes[s.node]), []).append(s.name)

@@ -5,6 +5,11 @@ unfolded input patches (``SiteStats``), a weight change ``dW`` changes the outpu
 and ``tucker2_output_errors`` for a truncated HOSVD. No graph here: ``fxrewrite.budget.calibration`` collects the
 statistics.
 
+When the ``d x d`` Gram does not fit the memory cap (``SiteStats.method`` ``"columns"`` or ``"sketch"``), the
+statistics hold a factor ``F`` (``d x l``, ``fxrewrite.maths.column_sketch``) with ``G = F F^T`` (exact: the
+columns themselves) or ``E[F F^T] = G`` (a count sketch), and every formula here evaluates ``||dW F||^2`` instead,
+in chunks of columns, without forming any ``d x d`` matrix (memory ``O(d l)`` plus the weight's size).
+
 >>> import torch
 >>> _ = torch.manual_seed(0)
 >>> x = torch.randn(4, 100, dtype=torch.float64)  # 100 input patches of d = 4 values (one source group)
@@ -20,7 +25,7 @@ statistics.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +42,9 @@ __all__ = ["SiteStats", "grouped_output_error", "separable_output_errors", "tuck
 class SiteStats:
     """Second moments of one site's input on the calibration data (sums over batches; no activation is kept).
 
+    With ``factor`` set (``method`` "columns" or "sketch", ``gram`` None) ``G`` is ``factor @ factor^T`` (see the
+    module docstring) and is never formed.
+
     Per source group ``b`` of the conv (``G`` groups, ``m = O/G`` outputs, ``d = (I/G)K`` columns): ``gram[b]`` the
     Gram matrix ``sum x x^T`` of the unfolded input patches (``fxrewrite.maths.im2col.im2col`` columns) and
     ``weight[b]`` the conv weight as ``m x d``, both float64; ``energy`` the output energy ``sum ||W x + bias||^2``.
@@ -44,10 +52,13 @@ class SiteStats:
     ``output_error(dw)``.
     """
 
-    gram: Tensor
+    gram: Tensor | None
     weight: Tensor
     energy: float
     columns: int
+    factor: Tensor | None = None  # (G, d, l) with G = F F^T ("columns") or E[F F^T] = G ("sketch"); gram is None
+    method: str = "gram"  # "gram" (dense), "columns" (exact factor) or "sketch" (unbiased factor)
+    memory_cap: int = 1 << 30  # bytes the formulas' temporaries may take (column chunks of the factor)
     _cache: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
 
     @property
@@ -74,8 +85,21 @@ class SiteStats:
 
     def output_error(self, dw: Tensor) -> float:
         """Relative output error ``sqrt(trace(dW G dW^T) / energy)`` of a weight change ``dw`` (``G x m x d``)."""
+        if self.factor is not None:
+            dw64 = dw.to(torch.float64)
+            q = sum(float((dw64 @ f).square().sum()) for f in self.factor_chunks(dw.shape[-2] * dw.shape[0]))
+            return _relative(q, self.energy)
         q = float(((dw.to(torch.float64) @ self.gram) * dw).sum())
         return _relative(q, self.energy)
+
+    def factor_chunks(self, per_column: int) -> Iterator[Tensor]:
+        """The factor in chunks of columns, sized so that a temporary of ``per_column`` float64 numbers per column
+        (times 4) stays within the memory cap."""
+        assert self.factor is not None
+        width = self.factor.shape[-1]
+        step = max(1, self.memory_cap // 4 // (8 * 4 * max(1, per_column)))
+        for lo in range(0, width, step):
+            yield self.factor[..., lo:lo + step]
 
 
 def _relative(q: float | np.ndarray, energy: float) -> Any:
@@ -111,6 +135,8 @@ def separable_output_errors(stats: SiteStats, groups: int) -> np.ndarray:
     the discarded change is ``sum_{j >= r} s_ij u_ij v_ij^T``, so ``trace(dW G dW^T) = sum_{j, l >= r} Z[j, l]``
     with ``Z[j, l] = sum_{x, y} (s u_xj . s u_yl) (v_xj^T G_xy v_yl)``: one ``k x k`` matrix per group count
     gives every rank."""
+    if stats.factor is not None:
+        return _separable_factor(stats, groups)
     big_g, m, d = stats.weight.shape
     q = groups // big_g
     c = d // q
@@ -137,6 +163,8 @@ def grouped_output_error(stats: SiteStats, groups: int) -> float:
     """Relative output error of keeping the block diagonal with ``groups`` groups (``factorize.block_diagonal``):
     ``trace(dW G dW^T) = trace(W G W^T) - 2 trace(W_kept G W^T) + trace(W_kept G W_kept^T)``, the last one
     block by block."""
+    if stats.factor is not None:
+        return _grouped_factor(stats, groups)
     big_g, m, d = stats.weight.shape
     q = groups // big_g
     mo, dc = m // q, d // q
@@ -156,6 +184,8 @@ def tucker2_output_errors(stats: SiteStats, u: Tensor, v: Tensor, ranks: Sequenc
     input channels ``q >= r``, whose quadratic forms are accumulated row by row (chunked to bound memory)."""
     if stats.weight.shape[0] != 1:
         raise ValueError("tucker2_output_errors needs an ungrouped conv (the candidate is dense)")
+    if stats.factor is not None:
+        return _tucker2_factor(stats, u, v, ranks)
     o, d = stats.weight.shape[1:]
     i = v.shape[0]
     k = d // i
@@ -184,4 +214,83 @@ def tucker2_output_errors(stats: SiteStats, u: Tensor, v: Tensor, ranks: Sequenc
             acc += pair_forms(done, hi).sum(dim=0)
             done = hi
         out.append(_relative(float(suffix[r_o] + acc[r_i:, r_i:].sum()), stats.energy))
+    return out
+
+
+# ---------------------------------------------------------------- factor forms (G = F F^T, no d x d matrix formed)
+
+def _slice_factors(a: Tensor) -> tuple[Tensor, Tensor]:
+    """``(left, right)`` with ``a[x] = left[x] @ right[x]^T`` column by column in descending singular value
+    (``q`` slices ``m x c`` -> ``q x m x k``, ``q x c x k``, ``k = min(m, c)``), by the eigendecompositions
+    ``separable_output_errors`` uses."""
+    m, c = a.shape[-2:]
+    a = a.contiguous()
+    if c <= m:
+        with factorize.one_thread():  # batched eigh: threads only synchronise
+            right = torch.linalg.eigh(a.mT @ a).eigenvectors.flip(-1)  # (q, c, c)
+        return a @ right, right
+    with factorize.one_thread():
+        left = torch.linalg.eigh(a @ a.mT).eigenvectors.flip(-1)  # (q, m, m)
+    return left, a.mT @ left
+
+
+def _separable_factor(stats: SiteStats, groups: int) -> np.ndarray:
+    """``separable_output_errors`` from the factor: the discarded change of rank ``r`` maps ``F`` to
+    ``sum_{j >= r} M_j`` with ``M_j = sum_x left_xj (right_xj^T F_x)`` (``m x l``), so ``Z[j, l] = <M_j, M_l>``,
+    summed over chunks of columns."""
+    assert stats.factor is not None
+    big_g, m, d = stats.weight.shape
+    q = groups // big_g
+    c = d // q
+    k = min(m, c)
+    z = torch.zeros(k, k, dtype=torch.float64)
+    dtype = torch.float32 if d >= _FP32_FROM else torch.float64  # as SiteStats.compute
+    for b in range(big_g):
+        left, right = _slice_factors(stats.weight[b].reshape(m, q, c).transpose(0, 1))
+        left_t = left.permute(2, 1, 0).contiguous().to(dtype)  # (k, m, q)
+        right_t = right.mT.contiguous().to(dtype)  # (q, k, c)
+        for f in stats.factor_chunks(q * k + 2 * k * m):
+            p = right_t @ f[b].to(dtype).reshape(q, c, -1)  # (q, k, n): right_xj^T F_x
+            mm = (left_t @ p.transpose(0, 1).contiguous()).reshape(k, -1)  # (k, m * n): M_j on these columns
+            z += (mm @ mm.mT).to(torch.float64)
+    tail = z.flip(0, 1).cumsum(0).cumsum(1).flip(0, 1).diagonal()
+    return _relative(torch.cat([tail, tail.new_zeros(1)]).numpy(), stats.energy)
+
+
+def _grouped_factor(stats: SiteStats, groups: int) -> float:
+    """``grouped_output_error`` from the factor: ``||W F - blockdiag(W) F||^2``."""
+    assert stats.factor is not None
+    big_g, m, d = stats.weight.shape
+    q = groups // big_g
+    mo, dc = m // q, d // q
+    blocks = torch.diagonal(stats.weight.reshape(big_g, q, mo, q, dc), dim1=1, dim2=3).permute(0, 3, 1, 2)
+    q_err = 0.0
+    for f in stats.factor_chunks(3 * m * big_g):
+        kept = (blocks @ f.reshape(big_g, q, dc, -1)).reshape(big_g, m, -1)
+        q_err += float((stats.weight @ f - kept).square().sum())
+    return _relative(q_err, stats.energy)
+
+
+def _tucker2_factor(stats: SiteStats, u: Tensor, v: Tensor, ranks: Sequence[int]) -> list[float]:
+    """``tucker2_output_errors`` from the factor: in the rotated bases the output on the factor is ``Z = y F'``
+    (``F'`` = the factor with its input channels rotated by ``v``); with ``T[q, p] = y[p, q] F'[q]`` and its suffix
+    sums ``S[r, p] = sum_{q >= r} T[q, p]``, rank ``r`` loses ``sum_{p >= r} ||Z_p||^2 + sum_{p < r} ||S[r, p]||^2``."""
+    assert stats.factor is not None
+    o, d = stats.weight.shape[1:]
+    i = v.shape[0]
+    k = d // i
+    y = torch.einsum("oik,op,iq->pqk", stats.weight[0].reshape(o, i, k), u, v).transpose(0, 1)  # (q, p, k)
+    rows = torch.zeros(o, dtype=torch.float64)
+    tails = torch.zeros(i + 1, o, dtype=torch.float64)  # tails[r, p] = ||S[r, p]||^2 (S[i] = 0)
+    for f in stats.factor_chunks(2 * i * o + 2 * d):
+        fr = torch.einsum("akn,aq->qkn", f[0].reshape(i, k, -1), v)  # (q, k, n)
+        t = y @ fr  # (q, p, n)
+        suffix = t.flip(0).cumsum(0).flip(0)  # (q, p, n): S[r] for r < i
+        rows += suffix[0].square().sum(dim=-1)
+        tails[:i] += suffix.square().sum(dim=-1)
+    row_suffix = torch.cat([rows.flip(0).cumsum(0).flip(0), rows.new_zeros(1)])
+    out = []
+    for r in ranks:
+        r_o, r_i = min(r, o), min(r, i)
+        out.append(_relative(float(row_suffix[r_o] + tails[r_i, :r_o].sum()), stats.energy))
     return out

@@ -58,8 +58,15 @@ torch.distributed result equals the single-process one. The price is that fits s
 images you would otherwise.
 
 **Bounded memory and distribution.** Between batches only sums are kept (Gram matrices, per-channel moments, error
-sums; no activation is stored); with ``torch.distributed`` initialised every sum (and count) is all-reduced before
-it is used, so calibration can be split over processes or machines and gives the single-process result::
+sums; no activation is stored), within ``memory_cap`` (default 1 GiB): a conv whose refit needs more than the cap
+with dense Grams (4 x ``G x D x D`` float64: fit and check Grams, the solver's copy and factorisation) keeps a
+``fxrewrite.maths.column_sketch.ColumnSketch`` of its columns and targets instead (``SketchedEquations``) and is
+solved by the push-through identity on ``width x width`` systems: exactly the dense solution while the fit half has
+at most ``width`` columns ("columns"), else a ridge solve on an unbiased count sketch ("sketch"), whose residuals
+(fit and held-out check) are then measured on the data in one more pass, so the held-out check stays exact. The
+result's notes name each such site and its method. With ``torch.distributed`` initialised every sum (and count) is
+all-reduced before it is used, so calibration can be split over processes or machines and gives the single-process
+result::
 
     # torchrun --nproc-per-node 4 calibrate.py   (each process: its own shard of the data)
     torch.distributed.init_process_group("gloo")   # or "nccl" with the model on the process's GPU
@@ -100,8 +107,9 @@ from fxrewrite.graph.capture import LeafSpec, as_graph_module
 from fxrewrite.graph.recorder import node_values
 from fxrewrite.graph.rewriter import set_conv_weight
 from fxrewrite.graph.site_nodes import original_nodes, site_groups
+from fxrewrite.maths.column_sketch import DEFAULT_MEMORY_CAP, sketch_width
 from fxrewrite.maths.im2col import im2col
-from fxrewrite.maths.lstsq import NormalEquations, grouped_targets
+from fxrewrite.maths.lstsq import NormalEquations, SketchedEquations, grouped_targets, relative_residual
 from fxrewrite.tuning.bn_match import batchnorm_at, match, reestimate
 from fxrewrite.tuning.calibration_data import halves, output_leaves
 from fxrewrite.tuning.progress import Progress
@@ -152,31 +160,38 @@ def load_calibration(path: str, batch_size: int = 32, dtype: torch.dtype | None 
     return [tuple(t[i:i + batch_size] for t in tensors) for i in range(0, n, batch_size)]
 
 
-class _ConvEquations(NormalEquations):
-    """The normal equations of one conv's refit: im2col columns of its input (plus a row of ones for a bias) against
-    the original site output, and the conv's weights in the (groups, O/groups, D) layout of the solution."""
+def _refit_dim(conv: nn.Conv2d) -> int:
+    return conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1] + (conv.bias is not None)
 
-    def __init__(self, conv: nn.Conv2d, device: torch.device | None) -> None:
-        g, o = conv.groups, conv.out_channels
-        d = conv.in_channels // g * conv.kernel_size[0] * conv.kernel_size[1] + (conv.bias is not None)
-        super().__init__(g, o // g, d, device)
-        self.conv = conv
+
+def _columns(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, chunk: int
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(cols, targets)`` of a batch in chunks of about ``chunk`` float64 elements: the im2col columns of the conv
+    input ``x`` (plus a row of ones for a bias) and the original output ``y`` (``grouped_targets``)."""
+    n = x.shape[0]
+    per_sample = max(1, _refit_dim(conv) * max(1, y[0, 0].numel()))
+    step = max(1, chunk // per_sample)
+    for i in range(0, n, step):
+        cols = im2col(conv, x[i:i + step].detach()).to(torch.float64)
+        tgt = grouped_targets(y[i:i + step].detach().to(torch.float64), conv.groups)
+        if cols.shape[-1] != tgt.shape[-1]:
+            raise RepairError(f"conv input gives {cols.shape[-1]} output columns but the original site output has "
+                              f"{tgt.shape[-1]}: the rewritten site does not produce the original's shape")
+        if conv.bias is not None:
+            cols = torch.cat([cols, cols.new_ones(cols.shape[0], 1, cols.shape[2])], dim=1)
+        yield cols, tgt
+
+
+class _ConvWeights:
+    """A conv's weights in the (groups, O/groups, D) layout of the refit (bias as the last column)."""
+
+    conv: nn.Conv2d
+    chunk: int
 
     def add_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add the conv input ``x`` and the original output ``y`` of a batch, in chunks of bounded memory."""
-        conv = self.conv
-        n = x.shape[0]
-        per_sample = max(1, self.gram.shape[1] * max(1, y[0, 0].numel()))
-        step = max(1, _CHUNK_ELEMENTS // per_sample)
-        for i in range(0, n, step):
-            cols = im2col(conv, x[i:i + step].detach()).to(torch.float64)
-            tgt = grouped_targets(y[i:i + step].detach().to(torch.float64), conv.groups)
-            if cols.shape[-1] != tgt.shape[-1]:
-                raise RepairError(f"conv input gives {cols.shape[-1]} output columns but the original site output has "
-                                  f"{tgt.shape[-1]}: the rewritten site does not produce the original's shape")
-            if conv.bias is not None:
-                cols = torch.cat([cols, cols.new_ones(cols.shape[0], 1, cols.shape[2])], dim=1)
-            self.add(cols, tgt)
+        for cols, tgt in _columns(self.conv, x, y, self.chunk):
+            self.add(cols, tgt)  # type: ignore[attr-defined]
 
     def weights(self) -> torch.Tensor:
         """The conv's current weights as (groups, O/groups, D) (bias as the last column)."""
@@ -194,6 +209,46 @@ class _ConvEquations(NormalEquations):
             with torch.no_grad():
                 conv.bias.copy_(b.reshape(-1).to(conv.bias.dtype))
         set_conv_weight(module, qualname, w.reshape(conv.weight.shape))
+
+
+class _ConvEquations(_ConvWeights, NormalEquations):
+    """The normal equations of one conv's refit: im2col columns of its input (plus a row of ones for a bias) against
+    the original site output (``method`` "gram")."""
+
+    method = "gram"
+    exact = True
+
+    def __init__(self, conv: nn.Conv2d, device: torch.device | None, cap: int = DEFAULT_MEMORY_CAP) -> None:
+        g, o = conv.groups, conv.out_channels
+        NormalEquations.__init__(self, g, o // g, _refit_dim(conv), device)
+        self.conv, self.chunk = conv, min(_CHUNK_ELEMENTS, max(1, cap // 64))
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.gram, self.cross, self.stats
+
+
+class _ConvSketch(_ConvWeights, SketchedEquations):
+    """The refit's columns as a bounded sketch (``SketchedEquations``; ``method`` "columns" when exact, else
+    "sketch"), for a conv whose Gram does not fit the memory cap."""
+
+    def __init__(self, conv: nn.Conv2d, device: torch.device | None, cap: int) -> None:
+        g, o = conv.groups, conv.out_channels
+        d = _refit_dim(conv)
+        SketchedEquations.__init__(self, g, o // g, d, sketch_width(cap, g, d, rows=o // g, copies=2), device)
+        self.conv, self.chunk, self.cap = conv, min(_CHUNK_ELEMENTS, max(1, cap // 160)), cap
+
+    @property
+    def method(self) -> str:
+        return self.sketch.method
+
+
+def _equations(conv: nn.Conv2d, device: torch.device | None, cap: int) -> _ConvEquations | _ConvSketch:
+    """The dense normal equations when the fit's and the check's Grams, the solver's copy and its factorisation
+    (4x the Gram) fit ``cap`` bytes; else a sketch."""
+    d = _refit_dim(conv)
+    if 4 * 8 * conv.groups * d * d <= cap:
+        return _ConvEquations(conv, device, cap)
+    return _ConvSketch(conv, device, cap)
 
 
 @dataclass
@@ -300,51 +355,104 @@ class _Fit:
     columns: int
     check_before: float
     check_after: float
+    method: str = ""  # how it was solved when not from the dense Gram (_method_note)
 
 
-def _refit(original: torch.fx.GraphModule, model: torch.fx.GraphModule, batches: Callable[[], Iterable[Any]],
-           site: _Site, ridge: float, progress: Progress) -> _Fit:
-    """Refit the site's conv if the refit passes the held-out check (module docstring); else keep its weights."""
-    assert site.conv is not None and site.original is not None
-    conv = model.get_submodule(site.conv)
-    assert isinstance(conv, nn.Conv2d)
+def _site_values(original: torch.fx.GraphModule, model: torch.fx.GraphModule, batches: Callable[[], Iterable[Any]],
+                 site: _Site, conv: nn.Conv2d, progress: Progress, label: str
+                 ) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
+    """Per batch, the conv input and the original site output, each split into (fit half, check half)."""
+    assert site.original is not None
     x_node = site.output.args[0]
     assert isinstance(x_node, torch.fx.Node)
-    fit, check = _ConvEquations(conv, conv.weight.device), _ConvEquations(conv, conv.weight.device)
     for inputs in batches():
         _, y = next(node_values(original, inputs, [site.original], stop=site.original))
         _, x = next(node_values(model, inputs, [x_node], stop=x_node))
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or y.dim() != 4:
             raise RepairError(f"site {site.name!r}: expected 4-D tensors at the conv input and the original site "
                               "output")
-        (x_fit, x_check), (y_fit, y_check) = halves(x.to(conv.weight.device)), halves(y.to(conv.weight.device))
+        yield halves(x.to(conv.weight.device)), halves(y.to(conv.weight.device))
+        progress.update(label)
+
+
+def _measured_residuals(original: torch.fx.GraphModule, model: torch.fx.GraphModule,
+                        batches: Callable[[], Iterable[Any]], site: _Site, conv: nn.Conv2d, weights: Sequence[Any],
+                        chunk: int, progress: Progress) -> torch.Tensor:
+    """``out[h, j] = (||W_j X - Y||^2, ||Y||^2)`` on half ``h`` (0 fit, 1 check) measured on the data, for a
+    sketched refit whose residuals the sketch only estimates (one more pass over the data)."""
+    out = torch.zeros(2, len(weights), 2, dtype=torch.float64, device=conv.weight.device)
+    for (x_fit, x_check), (y_fit, y_check) in _site_values(original, model, batches, site, conv, progress,
+                                                            f"refit {site.name} (residuals)"):
+        for h, (x, y) in enumerate(((x_fit, y_fit), (x_check, y_check))):
+            if not x.shape[0]:
+                continue
+            for cols, tgt in _columns(conv, x, y, chunk):
+                for j, w in enumerate(weights):
+                    out[h, j, 0] += (w @ cols - tgt).square().sum()
+                    out[h, j, 1] += tgt.square().sum()
+    all_reduce(out)
+    return out
+
+
+def _refit(original: torch.fx.GraphModule, model: torch.fx.GraphModule, batches: Callable[[], Iterable[Any]],
+           site: _Site, ridge: float, progress: Progress, cap: int = DEFAULT_MEMORY_CAP) -> _Fit:
+    """Refit the site's conv if the refit passes the held-out check (module docstring); else keep its weights."""
+    assert site.conv is not None and site.original is not None
+    conv = model.get_submodule(site.conv)
+    assert isinstance(conv, nn.Conv2d)
+    fit, check = _equations(conv, conv.weight.device, cap), _equations(conv, conv.weight.device, cap)
+    for (x_fit, x_check), (y_fit, y_check) in _site_values(original, model, batches, site, conv, progress,
+                                                            f"refit {site.name}"):
         fit.add_batch(x_fit, y_fit)
         if x_check.shape[0]:
             check.add_batch(x_check, y_check)
-        progress.update(f"refit {site.name}")
-    all_reduce(fit.gram, fit.cross, fit.stats, check.gram, check.cross, check.stats)
-    full = fit.merged(check)
-    columns = int(full.stats[1])
+    all_reduce(*fit.tensors(), *check.tensors())
+    columns = int(fit.stats[1] + check.stats[1])
     if columns == 0:
         raise RepairError(f"site {site.name!r}: the calibration data gave no output columns")
     w0 = fit.weights()
-    before = full.residual(w0)
-    unknowns = fit.gram.shape[-1]
+    unknowns = w0.shape[-1]
+    method = _method_note(fit, check)
+
+    def full(w: torch.Tensor) -> float:  # the residual on both halves, from the sums
+        (e1, y1), (e2, y2) = fit.residual_sums(w), check.residual_sums(w)
+        return relative_residual(e1 + e2, y1 + y2)
+
     if float(check.stats[1]) == 0:
+        before = full(w0) if fit.exact and check.exact else math.nan
         return _Fit(False, "no held-out samples to check the refit on (every calibration batch has one sample); "
-                    "use batches of 2 or more", before, before, columns, math.nan, math.nan)
+                    "use batches of 2 or more", before, before, columns, math.nan, math.nan, method)
     trial = fit.solve(ridge, w0)
-    check_before, check_after = check.residual(w0), check.residual(trial)
     if not torch.isfinite(trial).all():
         raise RepairError(f"site {site.name!r}: the least-squares solve gave non-finite weights; raise ridge "
                           f"(now {ridge:g}) or check the calibration data for inf/nan")
+    if fit.exact and check.exact:
+        check_before, check_after = check.residual(w0), check.residual(trial)
+        before, after = full(w0), full(trial)
+    else:  # a sketch only estimates residuals: measure them (one more pass)
+        sums = _measured_residuals(original, model, batches, site, conv, [w0, trial], fit.chunk, progress)
+        check_before, check_after = (relative_residual(*map(float, sums[1, j])) for j in range(2))
+        before, after = (relative_residual(*map(float, sums[:, j].sum(dim=0))) for j in range(2))
     if not check_after <= check_before:
         return _Fit(False, f"refit kept out: held-out residual {check_before:.3g} -> {check_after:.3g} (fit on "
                     f"{int(fit.stats[1]):,} columns for {unknowns} unknowns per output); give more calibration "
-                    "images", before, before, columns, check_before, check_after)
-    after = full.residual(trial)
+                    "images", before, before, columns, check_before, check_after, method)
     fit.assign(trial, model, site.conv)
-    return _Fit(True, "", before, after, columns, check_before, check_after)
+    return _Fit(True, "", before, after, columns, check_before, check_after, method)
+
+
+def _method_note(fit: _ConvEquations | _ConvSketch, check: _ConvEquations | _ConvSketch) -> str:
+    """How a refit was solved, when not from the dense Gram (for RepairResult.notes)."""
+    if isinstance(fit, _ConvEquations) or isinstance(check, _ConvEquations):
+        return ""
+    d, g = fit.dim, fit.conv.groups
+    why = (f"the {g} x {d:,} x {d:,} float64 Gram ({g * d * d * 8 / 2**30:.2f} GiB, 4x that to solve) is over "
+           f"the {fit.cap / 2**20:g} MiB memory cap")
+    if fit.exact and check.exact:
+        return (f"columns: {why}; refit exactly on the {fit.sketch.count:,} fit columns themselves (push-through "
+                "solve, no d x d matrix)")
+    return (f"sketch: {why}; refit on a count sketch of {fit.sketch.width:,} columns of the "
+            f"{int(fit.stats[1]):,} fit columns (ridge solve on the sketch), residuals measured on the data")
 
 
 def _plan(original: torch.fx.GraphModule, model: torch.fx.GraphModule, sites: Sequence[_Site], bn: str | None
@@ -369,8 +477,8 @@ def _plan(original: torch.fx.GraphModule, model: torch.fx.GraphModule, sites: Se
 def repair(original: nn.Module, rewritten: torch.fx.GraphModule, data: Iterable[Any], *,
            ridge: float = DEFAULT_RIDGE, bn: bool | str | None = "match", progress: bool = True,
            input_fn: InputFn | None = None, copy_module: bool = True, concrete_args: Mapping[str, Any] | None = None,
-           leaf_modules: Iterable[LeafSpec] = (), autowrap_functions: Iterable[Callable[..., Any]] = ()
-           ) -> RepairResult:
+           leaf_modules: Iterable[LeafSpec] = (), autowrap_functions: Iterable[Callable[..., Any]] = (),
+           memory_cap: int = DEFAULT_MEMORY_CAP) -> RepairResult:
     """Refit the rewritten sites of ``rewritten`` (the output of ``fxrewrite.rewrite``) on calibration ``data`` so
     each site's output matches ``original``'s, then adjust the downstream BatchNorm statistics.
 
@@ -382,6 +490,10 @@ def repair(original: nn.Module, rewritten: torch.fx.GraphModule, data: Iterable[
     (``copy_module=False`` repairs ``rewritten`` in place, for callers that own it); both are run in eval mode.
     Capture options are those used to trace ``original``. Under torch.distributed every process must call this with
     its own non-empty share of the data; sums are all-reduced over the default process group.
+
+    ``memory_cap`` (bytes, default 1 GiB; ``rewrite(..., calibration_options={"memory_cap": ...})``) bounds what a
+    refit keeps: a conv whose Gram needs more (4x the ``G x D x D`` float64 Gram: fit, check, solve) is refit
+    without it (module docstring, "Bounded memory"), and ``RepairResult.notes`` says which sites and how.
     """
     start = time.perf_counter()
     bn = {True: "match", False: None}.get(bn, bn) if isinstance(bn, bool) else bn
@@ -390,6 +502,8 @@ def repair(original: nn.Module, rewritten: torch.fx.GraphModule, data: Iterable[
     if not isinstance(rewritten, torch.fx.GraphModule):
         raise ConfigError(f"repair needs the rewritten GraphModule (RewriteResult.module), got "
                           f"{type(rewritten).__name__}")
+    if isinstance(memory_cap, bool) or not isinstance(memory_cap, int) or memory_cap < 1 << 20:
+        raise ConfigError(f"memory_cap must be a number of bytes >= 1 MiB (1 << 20), got {memory_cap!r}")
     if not (isinstance(ridge, int | float) and ridge > 0 and math.isfinite(ridge)):
         raise ConfigError(f"ridge must be a positive number (relative to the Gram diagonal), got {ridge!r}")
     check_reiterable(data)
@@ -426,7 +540,7 @@ def repair(original: nn.Module, rewritten: torch.fx.GraphModule, data: Iterable[
             before = _measure(reference, model, batches, sites, bar, "measure (before)")
             for kind, step in steps:  # graph order: each step sees everything upstream of it already repaired
                 if kind == "refit":
-                    fits[step.name] = _refit(reference, model, batches, step, float(ridge), bar)
+                    fits[step.name] = _refit(reference, model, batches, step, float(ridge), bar, memory_cap)
                 elif bn == "match":
                     kept = match(reference, model, step[0], step[1], batches, bar)
                     bn_layers.append(str(step[0].target))
@@ -445,6 +559,7 @@ def repair(original: nn.Module, rewritten: torch.fx.GraphModule, data: Iterable[
         for name, state in saved.items():
             model.get_submodule(name).load_state_dict(state)
         after, bn_matched = before, [(name, 0, count) for name, _, count in bn_matched]
+    methods = [f"site {name!r} refit by {fit.method}" for name, fit in fits.items() if fit.method]
     samples = torch.tensor([counts["batches"], counts["samples"]], dtype=torch.float64, device=device)
     all_reduce(samples)
     records = []
@@ -460,4 +575,4 @@ def repair(original: nn.Module, rewritten: torch.fx.GraphModule, data: Iterable[
                                       fit.check_after))
     return RepairResult(model, tuple(records), before[OUTPUT], after[OUTPUT], int(samples[0]), int(samples[1]),
                         float(ridge), bn, () if reverted else tuple(bn_layers), tuple(bn_matched), world_size(),
-                        time.perf_counter() - start, (reverted,) if reverted else ())
+                        time.perf_counter() - start, tuple(methods) + ((reverted,) if reverted else ()))
