@@ -197,7 +197,8 @@ def tucker2_output_errors(stats: SiteStats, u: Tensor, v: Tensor, ranks: Sequenc
     rows = ((yf @ g) * yf).sum(dim=1)  # full-row quadratic forms
     suffix = torch.cat([rows.flip(0).cumsum(0).flip(0), rows.new_zeros(1)])  # suffix[p] = sum_{p' >= p}
     gq = g.reshape(i, k, d)
-    step = max(1, (1 << 25) // max(i * d, 1))  # rows per chunk: the (i, rows, d) product stays ~256 MiB
+    # rows per chunk: the (i, rows, d) product stays ~256 MiB, or 1/4 of a lower memory cap
+    step = max(1, min(1 << 25, stats.memory_cap // 32) // max(i * d, 1))
     acc = torch.zeros(i, i, dtype=torch.float64)
     done = 0
     out = []
