@@ -28,8 +28,8 @@ def _count_changed(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     used: list[bool] = []
     real = shape_check.propagate_changed
 
-    def spy(*args: object) -> object:
-        out = real(*args)  # type: ignore[arg-type]
+    def spy(*args: object, **kwargs: object) -> object:
+        out = real(*args, **kwargs)  # type: ignore[arg-type]
         used.append(out is not None)
         return out
 
@@ -75,3 +75,22 @@ def test_shapes_full_sees_an_edit_outside_the_rewritten_sites(seeded: None) -> N
     assert not full.ok and any("(1, 4, 8, 8) -> (1, 4, 4, 4)" in f for f in full.failures)
     with pytest.raises(ConfigError, match="shapes must be"):
         fxrewrite.verify(model, new, (x,), shapes="some")
+
+
+def test_real_and_fake_site_propagation_give_the_same_metadata(seeded: None) -> None:
+    from fxrewrite.graph.shapes import propagate_nodes
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, groups=2)).eval()
+    x = torch.randn(2, 4, 9, 9).to(memory_format=torch.channels_last)
+    gm = fxrewrite.rewrite(model, (x,), passes="grouped-separable{groups=2, rank=1}", verify=False).module
+    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target != "1"]
+
+    def metadata() -> list[tuple[object, ...]]:
+        return [(tuple(v.shape), v.stride(), v.dtype, v.device, type(v).__name__)
+                for v in (n.meta["val"] for n in nodes)]
+
+    propagate_nodes(gm, nodes)
+    fake = metadata()
+    for n in nodes:
+        n.meta.pop("val")
+    propagate_nodes(gm, nodes, real=True)
+    assert metadata() == fake and fake[-1][0] == (2, 6, 3, 3)

@@ -25,6 +25,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import (
     DataDependentOutputException,
     DynamicOutputShapeException,
+    FakeTensor,
     FakeTensorMode,
 )
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
@@ -95,16 +96,56 @@ def _preserves_shape(module: nn.Module, x: torch.Tensor) -> bool:
     return True
 
 
+def _conv_shortcut(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The fake output of a plain ``nn.Conv2d`` on a contiguous 4-d input, from :func:`conv_output_shape` (a
+    contiguous tensor, as the kernels give for a contiguous input and weight) without fake dispatch, whose conv
+    meta kernel and parameter conversion dominate a propagation; None (dispatch as usual) for anything else."""
+    if type(module) is not nn.Conv2d or module._forward_hooks or module._forward_pre_hooks:
+        return None
+    w, b = module.weight, module.bias
+    if (x.dim() != 4 or w.dim() != 4 or not all(type(d) is int for d in x.shape) or w.dtype != x.dtype
+            or w.device != x.device or not (_plain_strides(x) and _plain_strides(w))):
+        return None
+    o, g = module.out_channels, module.groups
+    if (tuple(w.shape) != (o, x.shape[1] // g, *module.kernel_size) or x.shape[1] != module.in_channels
+            or module.in_channels % g or o % g):
+        return None  # a weight that no longer fits the module's attributes: dispatch says what is wrong
+    if isinstance(module.padding, str) and any(st != 1 for st in module.stride):
+        return None
+    if b is not None and (tuple(b.shape) != (o,) or b.dtype != x.dtype or b.device != x.device):
+        return None
+    shape = conv_output_shape(tuple(x.shape), module)  # type: ignore[arg-type]
+    if any(d <= 0 for d in shape[2:]):
+        return None  # dispatch says what is wrong
+    if isinstance(x, FakeTensor):  # built around a meta tensor: no dispatch at all (as the rewriter does)
+        return FakeTensor(x.fake_mode, torch.empty(shape, dtype=x.dtype, device="meta"), x.device)
+    return x.new_empty(shape)
+
+
+def _plain_strides(t: torch.Tensor) -> bool:
+    """Exactly the contiguous strides (``is_contiguous`` also accepts a channels-last tensor whose size-1 dims make
+    it ambiguous, which a conv kernel then treats as channels-last)."""
+    expected, step = [], 1
+    for size in reversed(t.shape):
+        expected.append(step)
+        step *= int(size)
+    return tuple(t.stride()) == tuple(reversed(expected))
+
+
 class _FakeProp(FakeTensorProp):
-    """FakeTensorProp with a shortcut for shape-preserving modules (their output is ``empty_like`` the input)."""
+    """FakeTensorProp with shortcuts for shape-preserving modules (their output is ``empty_like`` the input) and
+    plain 2-d convolutions on contiguous inputs (the output shape from the formula)."""
 
     def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         module = self.fetch_attr(str(target))
         no_global_hooks = not (torch.nn.modules.module._global_forward_hooks
                                or torch.nn.modules.module._global_forward_pre_hooks)
-        if (len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and no_global_hooks
-                and _preserves_shape(module, args[0])):
-            return torch.empty_like(args[0])
+        if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and no_global_hooks:
+            if _preserves_shape(module, args[0]):
+                return torch.empty_like(args[0])
+            out = _conv_shortcut(module, args[0])
+            if out is not None:
+                return out
         return super().call_module(target, args, kwargs)
 
 
@@ -123,10 +164,15 @@ def _refake(mode: FakeTensorMode, value: Any) -> Any:
     return pytree.tree_map_only(torch.Tensor, one, value)
 
 
-def propagate_nodes(gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node]) -> None:
+def propagate_nodes(gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node], *, real: bool = False) -> None:
     """Re-propagate ``nodes`` (in graph order) alone, from the recorded ``meta["val"]`` of every node they read that
     is not among them: what a change to a few subgraphs costs, instead of a whole propagation. Sets their
     ``meta["val"]``; raises ``KeyError`` for an input without a recorded value, or what the failing node raised.
+
+    ``real=True`` runs the nodes on zero tensors of the recorded metadata (under ``torch.no_grad``) and records
+    FakeTensors of their results: the same metadata, much cheaper than FakeTensor dispatch at an example input's
+    size (a small conv: microseconds against milliseconds), for a caller that runs the model anyway (numerics); the
+    nodes must not depend on their inputs' values (a rewritten conv site does not).
 
     >>> from fxrewrite.graph.capture import trace
     >>> gm = trace(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 1)))
@@ -138,6 +184,9 @@ def propagate_nodes(gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node]) ->
     (1, 4, 3, 3)
     """
     mode = fake_mode()
+    if real:
+        _propagate_real_nodes(gm, nodes, mode)
+        return
     interp = _FakeProp(gm, mode)
     members = set(nodes)
     env: dict[torch.fx.Node, Any] = {}
@@ -149,6 +198,36 @@ def propagate_nodes(gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node]) ->
     with mode:
         for node in nodes:
             env[node] = interp.run_node(node)
+
+
+def _propagate_real_nodes(gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node], mode: FakeTensorMode) -> None:
+    from fxrewrite.graph.recorder import run_nodes
+
+    def zeros(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=t.device).zero_()
+
+    members = set(nodes)
+    env: dict[torch.fx.Node, Any] = {}
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg not in members and arg not in env and arg.op != "get_attr":
+                env[arg] = pytree.tree_map_only(torch.Tensor, zeros, arg.meta["val"])
+    with torch.no_grad():
+        run_nodes(gm, nodes, env)
+    for node in nodes:
+        node.meta["val"] = pytree.tree_map_only(torch.Tensor, lambda t: fake_like(mode, t), env[node])
+
+
+def fake_like(mode: FakeTensorMode, t: torch.Tensor) -> torch.Tensor:
+    """A FakeTensor of ``mode`` with ``t``'s shape, strides, dtype and device, built directly around a meta tensor
+    (no fake dispatch, no copy of ``t``'s data).
+
+    >>> f = fake_like(fake_mode(), torch.zeros(2, 3, 4, 4).to(memory_format=torch.channels_last))
+    >>> type(f).__name__, tuple(f.shape), f.stride(), f.device.type
+    ('FakeTensor', (2, 3, 4, 4), (48, 1, 12, 3), 'cpu')
+    """
+    meta = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="meta")
+    return FakeTensor(mode, meta, t.device)
 
 
 def _fake_input(mode: Any, x: torch.Tensor, device: torch.device | None) -> torch.Tensor:

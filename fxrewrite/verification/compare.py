@@ -67,7 +67,8 @@ def compare_batch(ref_gm: torch.fx.GraphModule, new_gm: torch.fx.GraphModule, ba
         w.accumulated.add(value, rec["y"])
         if w.runner is None and not w.unchecked:
             try:
-                w.runner = SubgraphRunner(new_gm, w.nodes, first_input(w.nodes[0]))  # type: ignore[arg-type]
+                w.runner = SubgraphRunner(new_gm, w.nodes, first_input(w.nodes[0]),  # type: ignore[arg-type]
+                                          compiled=False)
             except FxRewriteError as exc:
                 w.unchecked = str(exc)
         if w.runner is not None and "x" in rec:

@@ -131,8 +131,9 @@ def verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, *, rt
     model_failures: list[str] = []  # failures not attributable to one site (output failures name a site)
 
     with eval_mode(original, rewritten):
-        known = propagate_changed(ref_gm, new_gm, rewritten, groups, originals, inputs, original) \
-            if shapes == "changed" else None
+        blocker = "numerics=False was passed" if not numerics else numerics_blocker(original, rewritten, inputs)
+        known = propagate_changed(ref_gm, new_gm, rewritten, groups, originals, inputs, original,
+                                  real=blocker is None) if shapes == "changed" else None
         try:
             ref = known[0] if known else propagate(ref_gm, inputs, device_of(original))
         except Exception as exc:
@@ -156,7 +157,6 @@ def verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, *, rt
         outputs = check_output_shapes(ref, new, output_failures, first_bad)
         timings["shapes"] = time.perf_counter() - start
 
-        blocker = "numerics=False was passed" if not numerics else numerics_blocker(original, rewritten, inputs)
         if blocker is None and new is None:
             blocker = "the rewritten model failed shape propagation"
         if blocker is None and any(not o.shapes_ok for o in outputs):
