@@ -112,7 +112,7 @@ def _put(root: nn.Module, qualname: str, module: nn.Module) -> None:
 PATH_PASSES = "depthwise-separable{rank=1}"
 
 
-def path_cases(quick: bool) -> list[tuple[str, nn.Module, torch.Tensor]]:
+def path_cases(quick: bool, chains: tuple[int, ...] = (1000, 3000, 5000)) -> list[tuple[str, nn.Module, torch.Tensor]]:
     """The models of the default-path table: (name, model, example input)."""
     if quick:
         return [("resnet50 64x64", torchvision.models.resnet50().eval(), torch.randn(1, 3, 64, 64)),
@@ -120,7 +120,7 @@ def path_cases(quick: bool) -> list[tuple[str, nn.Module, torch.Tensor]]:
                 ("chain-300", ConvChain(300).eval(), torch.randn(1, 16, 8, 8))]
     return [("resnet152 64x64", torchvision.models.resnet152().eval(), torch.randn(1, 3, 64, 64)),
             ("resnet50 224x224", torchvision.models.resnet50().eval(), torch.randn(1, 3, 224, 224)),
-            *[(f"chain-{n}", ConvChain(n).eval(), torch.randn(1, 16, 8, 8)) for n in (1000, 3000, 5000)]]
+            *[(f"chain-{n}", ConvChain(n).eval(), torch.randn(1, 16, 8, 8)) for n in chains]]
 
 
 def path_row(name: str, model: nn.Module, x: torch.Tensor, runs: int) -> list[Any]:
@@ -140,9 +140,9 @@ def path_row(name: str, model: nn.Module, x: torch.Tensor, runs: int) -> list[An
             plain_s / base, default_s / max(convs, 1) * 1e3]
 
 
-def path_table(quick: bool) -> str:
+def path_table(quick: bool, chains: tuple[int, ...] = (1000, 3000, 5000)) -> str:
     rows = []
-    for name, model, x in path_cases(quick):
+    for name, model, x in path_cases(quick, chains):
         runs = 1 if name in ("chain-3000", "chain-5000") else 3
         rows.append(path_row(name, model, x, runs))
         print(f"{name}: {rows[-1]}", file=sys.stderr)
@@ -171,10 +171,12 @@ def main(argv: list[str] | None = None) -> str:
                         help="also run the replace_pattern anchor on the 1000-conv chain (minutes)")
     parser.add_argument("--path-only", action="store_true",
                         help="only the table of rewrite() as users call it (default options)")
+    parser.add_argument("--chains", default="1000,3000,5000",
+                        help="conv counts of the chains in the rewrite() table (default 1000,3000,5000)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    path_md = path_table(args.quick)
+    path_md = path_table(args.quick, tuple(int(n) for n in args.chains.split(",")))
     if args.path_only:
         return path_md
     cases: list[tuple[str, nn.Module, torch.Tensor]] = [
