@@ -62,13 +62,11 @@ def _grouped_layout(dense: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def test_dense_gram_below_the_cap_factor_above() -> None:
-    spec = nn.Conv2d(1024, 128, (64, 1))
-    site = type("Spec", (), {"groups": 1, "in_channels": 1024, "kernel_size": (64, 1)})()
-    kept, working, width = site_memory(site, 1 << 30)
-    assert width == 512 and kept + working <= 1 << 30  # not the 32 GiB Gram
-    small = type("Spec", (), {"groups": 1, "in_channels": 512, "kernel_size": (3, 3)})()
+    big = nn.Conv2d(1024, 128, (64, 1), device="meta")
+    kept, working, width = site_memory(big, 1 << 30)
+    assert width == 512 and kept + working <= 1 << 30  # 512 columns of 65,536 numbers, not the 32 GiB Gram
+    small = nn.Conv2d(512, 512, 3, device="meta")
     assert site_memory(small, 1 << 30)[2] is None  # resnet's largest 3x3: the dense Gram, as before
-    del spec
 
 
 @pytest.mark.parametrize("source_groups", [1, 2])
