@@ -58,7 +58,8 @@ def check_case(seed: int) -> None:
         with torch.no_grad():
             convs[seed % len(convs)].weight.view(-1)[0] = float("nan")
         before = _snapshot(case.model)
-    reference = case.model(*case.inputs)
+    with torch.no_grad():
+        reference = case.model(*case.inputs)
     options: dict[str, object] = {"passes": pipeline}
     if kind in ("target", "calibrated"):
         options = {"target": fxrewrite.Target(macs=float(pipeline))}
@@ -82,7 +83,8 @@ def check_case(seed: int) -> None:
     assert [type(m) for m in case.model.modules()] == modules_before, f"seed {seed}: the input model's modules changed"
     if result is None:
         return
-    out = result.module(*case.inputs)
+    with torch.no_grad():
+        out = result.module(*case.inputs)
     assert out.shape == reference.shape, f"seed {seed}: output shape {tuple(out.shape)} != {tuple(reference.shape)}"
     finite = bool(torch.isfinite(out).all()) and bool(torch.isfinite(reference).all())
     if result.verification is not None and result.verification.ok:
