@@ -117,11 +117,37 @@ def _build(conv: nn.Conv2d, groups: int | None, rank: int | str, init: str, tol:
     return Built(sequential(first, core, last, like=conv), rel_error, exact, details)
 
 
+def structural_reason(site: ConvSite) -> Reason | None:
+    """Why no bottleneck form applies at ``site`` whatever its options (None: it applies). 1x1 kernels and depthwise
+    convs are not bottleneck material (below); a conv with one input channel per group is a candidate where the
+    cheapest bottleneck (rank 1: 1x1 I -> 1, a 1-channel kxk, 1x1 1 -> O), by the pass's own cost formula, costs
+    fewer MACs than the conv (parameters where shapes are unknown), like an audio stem ``Conv2d(1, C, (K, 1))``."""
+    s = site.spec
+    if s.kernel_size == (1, 1):
+        return Reason("pointwise-kernel", "1x1 kernel: the bottleneck forms factor a conv around its kxk core, and a "
+                      "1x1 conv has none; its low-rank forms are grouped-separable{groups=g, rank=r} (g=1: a plain "
+                      "rank-r split).")
+    if s.is_depthwise:
+        return Reason("already-depthwise", f"groups={s.groups} equals in_channels: a depthwise conv never mixes "
+                      "channels, and the bottleneck forms (1x1 convs around the kxk core) would mix them; they "
+                      "are not fitted to depthwise convs.")
+    if s.in_channels // s.groups > 1:
+        return None  # eligible as before, even where it costs more: a user may ask for an exact rewrite
+    cheapest = _bottleneck_cost(s, site.input_shape, site.output_shape, 1, 1)
+    known = site.output_shape is not None and site.input_shape is not None
+    if (cheapest.macs >= site.macs) if known else (cheapest.params >= site.params):
+        what = "MACs" if known else "parameters"
+        low, conv = (int(cheapest.macs), site.macs) if known else (int(cheapest.params), site.params)
+        return Reason("no-saving", f"the cheapest bottleneck (rank 1) costs {low:,} {what}, no fewer than the "
+                      f"conv's {conv:,}.")
+    return None
+
+
 @dataclass(frozen=True)
 class _Bottleneck(ConvRewritePass):
-    """Shared validation and the already-a-bottleneck check (which needs the graph, so it hooks ``_sites``)."""
+    """Shared validation, the structural check (``structural_reason``: by cost, not by shape class) and the
+    already-a-bottleneck check (which needs the graph, so it hooks ``_sites``)."""
 
-    kind = "depthwise-separable"  # same blockers: 1x1 kernels, depthwise convs, one input channel per group
     structure_options = RANDOM_INIT
 
     def _validate(self, rank: int | str, init: str, tol: float | str, max_iter: int) -> None:
@@ -134,8 +160,9 @@ class _Bottleneck(ConvRewritePass):
                       f"{self.name}: max_iter must be an integer >= 0, got {max_iter!r}")
 
     def _rank_reason(self, site: ConvSite, groups: int | None, rank: int | str) -> Reason | None:
-        if rank == "exact":
-            return None
+        structural = structural_reason(site)
+        if structural is not None or rank == "exact":
+            return structural
         full = _exact_rank(site, groups)
         if int(rank) > full:
             return Reason("rank-too-large", f"{site.name}: rank={rank} exceeds the exact rank {full} of this "
@@ -200,7 +227,7 @@ class Tucker2Form:
     calibrated = True  # predicts output errors from calibration statistics
 
     def candidates(self, site: ConvSite, weight: torch.Tensor, stats: SiteStats | None = None) -> list[Candidate]:
-        if site.blocker is not None or site.reason_for("depthwise-separable") is not None:
+        if site.blocker is not None or structural_reason(site) is not None:
             return []
         if stats is not None and site.spec.groups > 1:
             return []

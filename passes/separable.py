@@ -29,7 +29,7 @@ small maps (256 x 14x14), but not reliably for large maps in contiguous layout n
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fxrewrite.graph.rewriter import PROVENANCE_KEY
+from fxrewrite.graph.select import Rule, Selection
 from fxrewrite.graph.sites import ConvSite, ConvSpec, Reason, check_groups
 from fxrewrite.maths import factorize
 from fxrewrite.maths.output_error import SiteStats, separable_output_errors
@@ -47,7 +49,7 @@ from .building import make_conv, sequential
 from .candidates import Candidate, make_candidate
 from .conv_rewrite import RANDOM_INIT, ConvRewritePass
 from .costs import Cost, Shape, conv_cost, option_values, positions
-from .interface import Built
+from .interface import Built, Pass
 
 INITS = ("svd", "random")
 LOWERINGS = ("direct", "tile", "repeat")
@@ -208,8 +210,9 @@ class DepthwiseSeparableForm:
 @dataclass(frozen=True)
 class GroupedSeparableForm:
     """Budget form ``grouped-separable``: ``grouped-separable{groups=g, rank=r}`` for every valid g (or those in
-    ``groups``) below in_channels (g = in_channels is depthwise-separable) and r = 1 .. the exact rank (or
-    ``max_rank``)."""
+    ``groups``) from the conv's own group count (g = 1 at a dense conv: a rank-r split) below in_channels (g =
+    in_channels is depthwise-separable, offered here too where it is the only one: one input channel) and r = 1 ..
+    the exact rank (or ``max_rank``); candidates that save neither MACs nor parameters are dropped by the budget."""
 
     groups: tuple[int, ...] | None = None
     max_rank: int | None = None
@@ -221,16 +224,46 @@ class GroupedSeparableForm:
         if site.blocker is not None or site.reason_for("grouped-separable") is not None:
             return []
         s = site.spec
-        options = self.groups if self.groups is not None else range(2, s.in_channels)
-        valid = [g for g in options if g != s.groups and g >= 1 and check_groups(site, g, out_divisible=False) is None]
+        # the conv's own group count (1: a plain rank-r split of the dense conv) up to in_channels, which is the
+        # depthwise-separable form, offered here only where it is the one group count (one input channel)
+        top = s.in_channels + 1 if s.in_channels == s.groups else s.in_channels
+        options = self.groups if self.groups is not None else range(s.groups, top)
+        valid = [g for g in options if g >= 1 and check_groups(site, g, out_divisible=False) is None]
         return _separable_candidates(self.pass_name, site, weight, valid, self.max_rank, True, stats)
 
 
 # ------------------------------------------------------------------------------------------------------ passes
 
+#: the passes whose replacements are separable splits: a conv one of them built is not split again by either
+PASS_NAMES = ("depthwise-separable", "grouped-separable")
+
+
+def _already_split(gm: torch.fx.GraphModule, site: ConvSite) -> Reason | None:
+    node = next((n for n in gm.graph.nodes if n.name == site.node), None)
+    provenance = (node.meta.get(PROVENANCE_KEY) or {}) if node is not None else {}
+    if provenance.get("pass") not in PASS_NAMES:
+        return None
+    return Reason("already-separable", f"{site.name}: built by {provenance['pass']} as part of its split of "
+                  f"{provenance.get('site')!r}; splitting a piece of a separable split again only adds convolutions.")
+
+
+class _SeparableSites:
+    """Skips the convs a separable pass built (``already-separable``), so running a pipeline twice changes nothing
+    the second time; needs the graph, so it hooks ``ConvRewritePass._sites``."""
+
+    def _sites(self, gm: torch.fx.GraphModule, rules: Sequence[Rule]
+               ) -> list[tuple[ConvSite, Pass, Reason | None, Selection]]:
+        out = []
+        for site, effective, reason, selection in super()._sites(gm, rules):  # type: ignore[misc]
+            if reason is None:
+                reason = _already_split(gm, site)
+            out.append((site, effective, reason, selection))
+        return out
+
+
 
 @dataclass(frozen=True)
-class DepthwiseSeparable(ConvRewritePass):
+class DepthwiseSeparable(_SeparableSites, ConvRewritePass):
     """Conv2d -> depthwise kxk (groups=I, I*rank outputs) + pointwise 1x1; rank='exact' reproduces the original."""
 
     name = "depthwise-separable"
@@ -264,7 +297,7 @@ class DepthwiseSeparable(ConvRewritePass):
 
 
 @dataclass(frozen=True)
-class GroupedSeparable(ConvRewritePass):
+class GroupedSeparable(_SeparableSites, ConvRewritePass):
     """Conv2d -> grouped kxk (groups g, rank outputs per group) + 1x1, from a per-group SVD of the weight."""
 
     name = "grouped-separable"
@@ -284,9 +317,6 @@ class GroupedSeparable(ConvRewritePass):
                       f"{self.name}: groups must be a positive integer, got {self.groups!r}")
 
     def check(self, site: ConvSite) -> Reason | None:
-        if self.groups == site.spec.groups:
-            return Reason("already-grouped", f"{site.name}: already has groups={self.groups}; a grouped-separable "
-                          "split needs more groups than the conv has.")
         return check_groups(site, self.groups, out_divisible=False) or _rank_reason(site, self.groups, self.rank)
 
     def build(self, site: ConvSite, conv: nn.Conv2d) -> Built:

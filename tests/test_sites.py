@@ -48,17 +48,21 @@ KIND_CODES = {
     ("plain", "conv1"): ("yes", "yes", "channels-not-divisible"),  # 3 input channels: no g > 1 divides 3
     ("plain", "conv2"): ("yes", "yes", "yes"),
     ("plain", "dw"): ("already-depthwise",) * 3,
-    ("plain", "pw"): ("pointwise-kernel", "pointwise-kernel", "yes"),
-    ("residual", "shortcut"): ("pointwise-kernel", "pointwise-kernel", "yes"),
+    # 1x1: a depthwise 1x1 + 1x1 split always costs more; a grouped 1x1 + 1x1 split at rank 1 saves (32 + 8 < 256)
+    ("plain", "pw"): ("pointwise-kernel", "yes", "yes"),
+    ("residual", "shortcut"): ("pointwise-kernel", "yes", "yes"),
     ("residual", "grouped"): ("yes", "yes", "yes"),  # groups=4 of 32: 8, 16, 32 remain possible
-    ("grouped", "single"): ("single-input-channel", "single-input-channel", "channels-not-divisible"),
+    # one input channel: a rank-r split of the 8 x 9 filter bank costs r*(9 + 8) < 72 at r <= 4; no group count
+    ("grouped", "single"): ("yes", "yes", "channels-not-divisible"),
     ("grouped", "g4"): ("yes", "yes", "already-grouped"),  # 8 -> 12, groups 4: no multiple of 4 divides both
-    ("grouped", "dw2"): ("already-depthwise",) * 3,  # depthwise with multiplier 2
+    # depthwise with multiplier 2: a per-channel split would save (9 + 2 < 18) but the separable passes do not split
+    # depthwise convs (their own kxk conv is one), and the message says so
+    ("grouped", "dw2"): ("already-depthwise",) * 3,
     ("grouped", "g4_wide"): ("yes", "yes", "yes"),
     ("odd", "conv1"): ("yes", "yes", "channels-not-divisible"),
     ("odd", "conv2"): ("yes", "yes", "channels-not-divisible"),
     ("odd", "conv3"): ("yes", "yes", "channels-not-divisible"),
-    ("functional", "conv2d_1"): ("pointwise-kernel", "pointwise-kernel", "yes"),
+    ("functional", "conv2d_1"): ("pointwise-kernel", "yes", "yes"),
 }
 
 

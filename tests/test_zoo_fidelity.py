@@ -89,7 +89,8 @@ BOTTLENECK_CAP = 128 * 128 * 9
 BOTTLENECKS = ("depthwise-bottleneck{rank=exact}", f"grouped-bottleneck{{groups={GROUPS}, rank=exact}}")
 BOTTLENECK_FAMILIES = tuple(m for m in FAMILIES if m != "vit_b_16")
 # the reason codes a bottleneck pass may give a selected site it does not rewrite
-BOTTLENECK_SKIPS = {"pointwise-kernel", "already-depthwise", "single-input-channel"}
+# (no-saving: one input channel per group and even the rank-1 bottleneck costs no fewer MACs; torchvision has none)
+BOTTLENECK_SKIPS = {"pointwise-kernel", "already-depthwise", "no-saving"}
 PERMUTE = f"grouped{{groups={GROUPS}, permute=true}}"
 LOSSY = "depthwise-separable{rank=1}"
 # models whose output, with torchvision's BatchNorm defaults (running mean 0, variance 1), hardly depends on the convs:

@@ -157,11 +157,15 @@ class BudgetPlan:
         return out
 
     def apply(self, gm: torch.fx.GraphModule, *, structure_only: bool = False) -> Any:
-        """Rewrite ``gm`` in place with the plan; returns a ``PassResult`` whose records are the rewritten sites
-        (their ``details`` carry ``budget_predicted_rel_error``). Raises ``ConfigError`` if a pass declines a site
-        the plan chose (the plan was made for another graph). ``structure_only``: see ``pipeline``."""
+        """Rewrite ``gm`` in place with the plan; returns a ``PassResult`` with a record for every site of ``gm``,
+        in graph order: the rewritten ones (their ``details`` carry ``budget_predicted_rel_error``) and, skipped, the
+        ones the plan keeps (``budget-kept``) or could not consider (the reason ``excluded`` gives). Raises
+        ``ConfigError`` if a pass declines a site the plan chose (the plan was made for another graph).
+        ``structure_only``: see ``pipeline``."""
         from fxrewrite.graph.rewriter import portable
+        from fxrewrite.graph.sites import find_sites
         from fxrewrite.passes import PassManager, PassResult
+        sites = find_sites(gm)
         predicted = {c.site: c for c in self.changed}
         records = []
         modified = False
@@ -179,7 +183,8 @@ class BudgetPlan:
                 extra = {"budget_predicted_rel_error": predicted[r.site].predicted_rel_error,
                          "budget_weight": predicted[r.site].weight}
                 records.append(dataclasses.replace(r, details=MappingProxyType({**r.details, **extra})))
-        return PassResult(portable(gm), modified, tuple(records))
+        from fxrewrite.budget.site_records import every_site
+        return PassResult(portable(gm), modified, every_site(self, sites, records))
 
     def to_rewrite_plan(self, input_shapes: Sequence[Sequence[int]] | None = None) -> Any:
         """The replayable ``fxrewrite.RewritePlan`` of this plan (``apply_plan(fresh_model, plan)`` rebuilds the

@@ -192,26 +192,66 @@ def dropping_hooks(gm: torch.fx.GraphModule, enabled: bool = True) -> Iterator[N
         gm.meta.pop(DROP_HOOKS_KEY, None)
 
 
+def separable_saves(spec: ConvSpec, groups: int) -> bool:
+    """Whether a (grouped-)separable split with ``groups`` groups (a multiple of ``spec.groups`` dividing
+    in_channels) at rank 1, the cheapest rank, costs fewer MACs than the conv. Both convs of the split run at the
+    output resolution, so per output position: ``I*K + groups*O/G`` (kxk conv I -> groups, 1x1 conv groups -> O in
+    the conv's G groups) against ``O*(I/G)*K``; multiplied by G: ``G*I*K + groups*O < O*I*K``. With one input
+    channel (an audio stem ``Conv2d(1, C, (K, 1))``) this is ``K + C < C*K``: a rank-r split is a rank-r
+    factorisation of the C x K filter bank, costing r*(K + C) instead of K*C.
+
+    >>> separable_saves(ConvSpec(1, 128, (512, 1), (4, 1), (0, 0), (1, 1), 1, True), 1)
+    True
+    >>> separable_saves(ConvSpec(8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 8, False), 8)  # depthwise, multiplier 1
+    False
+    """
+    i, o, g_src = spec.in_channels, spec.out_channels, spec.groups
+    k = spec.kernel_size[0] * spec.kernel_size[1]
+    return g_src * i * k + groups * o < o * i * k
+
+
 def _kind_reasons(spec: ConvSpec) -> tuple[tuple[str, Reason | None], ...]:
-    """Per rewrite kind: None (eligible with its default options) or why not."""
-    if spec.is_depthwise:
-        why = Reason("already-depthwise", f"groups={spec.groups} equals in_channels; already depthwise.")
-        return tuple((k, why) for k in REWRITE_KINDS)
+    """Per rewrite kind: None (eligible with its default options) or why not. A separable kind is refused only where
+    its cheapest option (rank 1; for grouped-separable the fewest groups, the conv's own) costs no fewer MACs than
+    the conv, and only for the shapes where that is structural (already depthwise, a 1x1 kernel, one input channel
+    per group); whatever the channel counts, a split that saves MACs is a candidate. Any other conv stays eligible,
+    as a user may ask for an exact split that costs more."""
+    i, o, g_src = spec.in_channels, spec.out_channels, spec.groups
+    k = spec.kernel_size[0] * spec.kernel_size[1]
+    structural = spec.is_depthwise or k == 1 or i // g_src == 1
     out: dict[str, Reason | None] = {}
-    kernel_is_1x1 = spec.kernel_size == (1, 1)
-    if kernel_is_1x1:
-        why = Reason("pointwise-kernel", "1x1 kernel: a depthwise kxk + 1x1 split would cost more, not less.")
-        out["depthwise-separable"] = why
-        out["grouped-separable"] = why
-    elif spec.in_channels // spec.groups == 1:
-        why = Reason("single-input-channel", "each group has one input channel; a separable split saves nothing.")
-        out["depthwise-separable"] = why
-        out["grouped-separable"] = why
-    else:
+    if spec.is_depthwise:
+        saves = (f"a per-channel split would cost I*K + O={i * k + o} MACs per position at rank 1 against the conv's "
+                 f"O*K={o * k}, so it {'could' if separable_saves(spec, i) else 'would not'} save MACs, but it is "
+                 "not offered") if o > i else (f"a depthwise kxk + 1x1 split costs at least I*K + O={i * k + o} MACs "
+                                               f"per position (rank 1) against the conv's O*K={o * k}")
+        out["depthwise-separable"] = Reason(
+            "already-depthwise", f"groups={g_src} equals in_channels: already depthwise (the separable forms' own "
+            f"kxk conv); {saves}.")
+    elif separable_saves(spec, i) or not structural:
         out["depthwise-separable"] = None
+    elif k == 1:
+        out["depthwise-separable"] = Reason(
+            "pointwise-kernel", f"1x1 kernel: a depthwise 1x1 (multiplier r) + 1x1 split costs r*I*(1 + O/G) MACs per "
+            f"position, more than the conv's I*O/G={i * o // g_src} at every r (grouped-separable with few groups "
+            "can still save).")
+    else:
+        out["depthwise-separable"] = Reason(
+            "no-saving", f"a depthwise kxk + 1x1 split costs at least I*K + I*O/G={i * k + i * o // g_src} MACs per "
+            f"position (rank 1), no fewer than the conv's O*(I/G)*K={o * (i // g_src) * k}.")
+    if spec.is_depthwise:
+        out["grouped-separable"] = out["depthwise-separable"]
+    elif separable_saves(spec, g_src) or not structural:
         out["grouped-separable"] = None
+    else:
+        out["grouped-separable"] = Reason(
+            "no-saving", f"a grouped kxk + 1x1 split costs at least I*K + O={i * k + o} MACs per position (rank 1, "
+            f"{g_src} group(s)), no fewer than the conv's O*(I/G)*K={o * (i // g_src) * k}.")
     valid = spec.valid_groups()
-    if not valid and spec.is_grouped:
+    if spec.is_depthwise:
+        out["grouped"] = Reason("already-depthwise", f"groups={g_src} equals in_channels: already depthwise, no "
+                                "larger group count exists.")
+    elif not valid and spec.is_grouped:
         out["grouped"] = Reason("already-grouped", f"already grouped (groups={spec.groups}) and no larger group count "
                                 f"(a multiple of {spec.groups}) divides in_channels={spec.in_channels} and "
                                 f"out_channels={spec.out_channels}: {spec.groups} is the only valid group count.")
