@@ -193,7 +193,8 @@ def check_model_latency(original: nn.Module, rewritten: nn.Module, inputs: Seque
                         timer: ModelTimer | None = None) -> ModelTiming | None:
     """The whole-model check of a budget's result (None with ``check_latency=False``, or when nothing changed):
     the latency target's final measurement when the plan has one (``fit_latency`` timed exactly this architecture),
-    else a fresh ``time_models`` on the target's backend; warns when the rewritten model is slower."""
+    else a fresh ``time_models`` on the target's backend (at most 1 s of timed rounds after 3); warns when the rewritten
+    model is slower."""
     target = plan.target
     timing = plan.model_latency.get("timing") if plan.model_latency else None
     if timing is None:
@@ -203,7 +204,7 @@ def check_model_latency(original: nn.Module, rewritten: nn.Module, inputs: Seque
         if device is not None and device.type == "meta":
             return None
         try:
-            timing = (timer or time_models)(original, rewritten, inputs, target.backend)
+            timing = (timer or time_models)(original, rewritten, inputs, target.backend, max_seconds=1.0)
         except (RuntimeError, TypeError, ValueError) as exc:  # the check informs; it never fails a rewrite
             warnings.warn(f"could not time the whole model on {target.backend} for the latency check "
                           f"({type(exc).__name__}: {exc}); Target(..., check_latency=False) skips it",
