@@ -21,9 +21,11 @@ $(STAMP_TEST): pyproject.toml | $(PY)
 	touch $@ $(STAMP_RUN)
 
 # The main job: train a small CNN on scikit-learn's digits, rewrite it at 2x and 4x fewer conv MACs with each form,
-# and print costs and accuracy (original / data-free / repaired / repaired + distillation).
+# and print costs and accuracy (original / data-free / repaired / repaired + distillation); then a 1-D pitch
+# classifier (synthetic tones, a single-channel 256-tap stem) rewritten by budgets (Target(macs=0.5) and 0.25).
 run: $(STAMP_RUN)
 	$(PY) -m fxrewrite.demos.digits
+	$(PY) -m fxrewrite.demos.pitch
 
 # The test suite without the model-zoo sweeps (those are marked slow and run by `make test-zoo`).
 test: $(STAMP_TEST)
