@@ -395,11 +395,13 @@ def hidden_convs(gm: torch.fx.GraphModule, original: nn.Module | None = None) ->
 def check_groups(site: ConvSite, groups: int, *, out_divisible: bool) -> Reason | None:
     """Why ``groups`` cannot be used at ``site`` (None when it can).
 
-    A grouped conv needs g | in_channels and g | out_channels (``out_divisible``); a grouped-separable split needs
-    only g | in_channels. Either way g must be a multiple of the site's current groups (its weight is block-diagonal).
+    A grouped conv needs g | in_channels and g | out_channels (``out_divisible``) and g > 1; a grouped-separable
+    split needs only g | in_channels (g = the conv's own groups, e.g. 1, is a plain rank-r split). Either way g must
+    be a multiple of the site's current groups (its weight is block-diagonal).
     """
     s = site.spec
-    valid = [g for g in range(max(2, s.groups), s.in_channels + 1)
+    first = max(2, s.groups) if out_divisible else s.groups  # a separable split may keep the conv's groups
+    valid = [g for g in range(first, s.in_channels + 1)
              if s.in_channels % g == 0 and g % s.groups == 0 and (not out_divisible or s.out_channels % g == 0)]
     if groups < 1:
         return Reason("invalid-option", f"groups={groups} must be >= 1.")
