@@ -110,8 +110,8 @@ def _conv_shortcut(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if (tuple(w.shape) != (o, x.shape[1] // g, *module.kernel_size) or x.shape[1] != module.in_channels
             or module.in_channels % g or o % g):
         return None  # a weight that no longer fits the module's attributes: dispatch says what is wrong
-    if isinstance(module.padding, str) and any(st != 1 for st in module.stride):
-        return None
+    if module.padding_mode != "zeros" or (isinstance(module.padding, str) and any(st != 1 for st in module.stride)):
+        return None  # reflect / replicate / circular padding has limits of its own (padding < input size)
     if b is not None and (tuple(b.shape) != (o,) or b.dtype != x.dtype or b.device != x.device):
         return None
     shape = conv_output_shape(tuple(x.shape), module)  # type: ignore[arg-type]

@@ -4,7 +4,10 @@ model output, and gates that name the failing site.
 1. **Shapes.** FakeTensors are propagated through the original and the rewritten graph (no real compute, no
    allocation: a model on the meta device or one too big to run checks in seconds). Every model output must agree
    in shape, dtype, device and memory format, and every rewritten site must have the same input and output shapes
-   (and dtype, device) as the original convolution.
+   (and dtype, device) as the original convolution. A model that ``rewrite`` returns carries the metadata it was
+   rewritten with: for the same inputs only its rewritten sites are re-propagated (run on zeros of their recorded
+   inputs when numerics run anyway) and compared with the original conv's recorded output, since an unchanged node
+   cannot change shape; anything else (or ``shapes="full"``) propagates both models whole.
 2. **Numerics** (real tensors only; skipped with a reason for meta models or fake inputs). Both models run in eval
    mode, with TF32 off, on the example inputs (or ``batches``). Per rewritten site, *local* figures compare the new
    subgraph with the original convolution on the same input (the original model's input at that site);
