@@ -249,8 +249,10 @@ def rewrite_graph(model: nn.Module, example_inputs: Any, passes: PassesArg = Non
         from fxrewrite.budget.forms import DEFAULT_FORMS
         from fxrewrite.budget.whole_model import plan_budget
         with dropping_hooks(gm, drop_hooks):
+            options = dict(calibration_options or {})  # the repair's memory cap bounds the budget's statistics too
             budget_plan = plan_budget(model, gm, inputs, target, forms=forms or DEFAULT_FORMS, select=select,
-                                      calibration=calibration, input_fn=dict(calibration_options or {}).get("input_fn"))
+                                      calibration=calibration, input_fn=options.get("input_fn"),
+                                      max_gram_bytes=options.get("memory_cap", 1 << 30))
             result = budget_plan.apply(gm)
     else:
         result = PassManager(pipeline, prep.rules, drop_hooks=drop_hooks)(gm)
