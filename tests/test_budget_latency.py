@@ -352,7 +352,9 @@ def test_calibration_aware_plan_beats_the_data_free_one_on_low_dimensional_activ
     opts = free_choice.candidate.options
     predicted_free = separable_output_errors(_stats(model[0], batches), opts["groups"])[opts["rank"]]
     assert predicted_free == pytest.approx(err_free, rel=1e-4)
-    assert err_aware < err_free - 0.1, (choice.candidate, free_choice.candidate, err_aware, err_free)
+    # clearly lower: at least 10% (the data-free plan can pick a plain rank-r split, groups=1, since issue 14: its
+    # output error went down to 0.81 against the data-aware plan's 0.71)
+    assert err_aware < 0.9 * err_free, (choice.candidate, free_choice.candidate, err_aware, err_free)
 
 
 def test_rewrite_with_target_and_calibration() -> None:
