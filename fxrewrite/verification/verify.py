@@ -35,9 +35,11 @@ True
 
 from __future__ import annotations
 
+import gc
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from types import MappingProxyType
 from typing import Any
 
@@ -94,6 +96,20 @@ def _main_dtype(inputs: Sequence[Any], module: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while verifying: its full collections walk every live object (a graph of
+    thousands of nodes, modules, recorded values), so their cost grows with the graph and the verification's time
+    with its square. Values are freed by reference counting as before; cycles wait for the next collection."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, *, rtol: float | None = None,
            atol: float | None = None, numerics: bool = True, batches: Iterable[Any] | None = None,
            sites: Iterable[str] = (), concrete_args: Mapping[str, Any] | None = None,
@@ -113,6 +129,15 @@ def verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, *, rt
     or when anything differs, both models are propagated whole. ``shapes="full"`` always propagates both whole:
     for a graph edited by hand outside its rewritten sites.
     """
+    with _gc_paused():
+        return _verify(original, rewritten, example_inputs, rtol, atol, numerics, batches, sites, concrete_args,
+                       leaf_modules, autowrap_functions, shapes)
+
+
+def _verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, rtol: float | None, atol: float | None,
+            numerics: bool, batches: Iterable[Any] | None, sites: Iterable[str],
+            concrete_args: Mapping[str, Any] | None, leaf_modules: Iterable[LeafSpec],
+            autowrap_functions: Iterable[Callable[..., Any]], shapes: str) -> Verification:
     inputs = example_inputs_tuple(example_inputs)
     dtype = _main_dtype(inputs, original)
     default_rtol, default_atol = _default_tolerance(dtype)
