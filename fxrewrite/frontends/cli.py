@@ -131,9 +131,14 @@ def _rewrite_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-params", type=float, default=None, metavar="FRACTION",
                    help="likewise for the parameter count")
     p.add_argument("--target-latency", type=float, default=None, metavar="FRACTION",
-                   help="likewise for the summed conv latency, each layer configuration timed on --latency-backend")
+                   help="likewise for the whole model's measured latency at the example inputs (per-layer timings "
+                        "on --latency-backend guide the search; the final plan is measured whole)")
     p.add_argument("--latency-backend", default="eager", metavar="BACKEND",
-                   help="backend that --target-latency times: eager (default), channels_last, onnxruntime, cuda")
+                   help="backend that --target-latency times: eager (default), channels_last, onnxruntime, cuda, "
+                        "inductor (torch.compile)")
+    p.add_argument("--no-latency-check", action="store_true",
+                   help="with a target, skip timing the whole original and rewritten model (by default the report "
+                        "says, and a warning too, when the rewritten model is slower)")
     p.add_argument("--forms", default=None, help="candidate forms for a target, e.g. 'depthwise-separable,grouped'")
     p.add_argument("--budget-plan", default=None, metavar="FILE.json",
                    help="save the chosen budget plan (replayable with fxrewrite.apply_plan)")
@@ -270,7 +275,7 @@ def _run_model_command(args: argparse.Namespace) -> tuple[str, int]:
             raise UsageError("--target-macs/--target-params/--target-latency choose the passes: do not combine them "
                              "with --pass")
         target = Target(macs=args.target_macs, params=args.target_params, latency=args.target_latency,
-                        backend=args.latency_backend)
+                        backend=args.latency_backend, check_latency=not args.no_latency_check)
         forms = parse_forms(args.forms) if args.forms else None
     result = rewrite(model, inputs, passes, select=select, **capture, verify=verify, rtol=args.rtol,
                      atol=args.atol, latency=args.latency, calibration=calibration, target=target,
