@@ -148,6 +148,20 @@ def _rank_reason(site: ConvSite, groups: int, rank: int | str) -> Reason | None:
     return None
 
 
+def _saving_reason(site: ConvSite, cost: Cost, what: str) -> Reason | None:
+    """At a 1x1 conv or one with one input channel per group, where a split saves MACs only at some options (the
+    kind-level check admits the site by its cheapest split), the options asked for must save too, unless they ask
+    for the exact rank; elsewhere a user may ask for a split that costs more."""
+    s = site.spec
+    structural = s.kernel_size == (1, 1) or s.in_channels // s.groups == 1
+    if what.endswith("rank=exact") or site.output_shape is None or not structural:
+        return None
+    if int(cost.macs) < site.macs:
+        return None
+    return Reason("no-saving", f"{site.name}: {what} costs {int(cost.macs):,} MACs, no fewer than the conv's "
+                  f"{site.macs:,}; use a lower rank (or fewer groups).")
+
+
 # ------------------------------------------------------------------------------------------------ budget forms
 
 
@@ -280,7 +294,8 @@ class DepthwiseSeparable(_SeparableSites, ConvRewritePass):
         _check_options(self.name, self.rank, self.init, self.lowering)
 
     def check(self, site: ConvSite) -> Reason | None:
-        return _rank_reason(site, site.spec.in_channels, self.rank)
+        return _rank_reason(site, site.spec.in_channels, self.rank) or _saving_reason(
+            site, self.cost(site.spec, site.input_shape, site.output_shape, rank=self.rank), f"rank={self.rank}")
 
     def build(self, site: ConvSite, conv: nn.Conv2d) -> Built:
         return _separable(site, conv, conv.in_channels, self.rank, self.init, self.lowering)
@@ -317,7 +332,9 @@ class GroupedSeparable(_SeparableSites, ConvRewritePass):
                       f"{self.name}: groups must be a positive integer, got {self.groups!r}")
 
     def check(self, site: ConvSite) -> Reason | None:
-        return check_groups(site, self.groups, out_divisible=False) or _rank_reason(site, self.groups, self.rank)
+        return (check_groups(site, self.groups, out_divisible=False) or _rank_reason(site, self.groups, self.rank)
+                or _saving_reason(site, self.cost(site.spec, site.input_shape, site.output_shape, groups=self.groups,
+                                                  rank=self.rank), f"groups={self.groups}, rank={self.rank}"))
 
     def build(self, site: ConvSite, conv: nn.Conv2d) -> Built:
         return _separable(site, conv, self.groups, self.rank, self.init, self.lowering)

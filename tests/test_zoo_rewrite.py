@@ -106,7 +106,7 @@ SHUFFLE = "channel-shuffle{rule=all, fold=true}"
 ALLOWED_SKIPS = {
     "depthwise-separable": {"pointwise-kernel", "already-depthwise"},
     "grouped-separable": {"pointwise-kernel", "already-depthwise", "channels-not-divisible", "groups-incompatible",
-                          "already-grouped"},
+                          "already-grouped", "no-saving"},
     "grouped": {"already-depthwise", "channels-not-divisible", "groups-incompatible", "already-grouped"},
     "channel-shuffle": {"depthwise-consumer", "folded", "channels-mismatch"},
 }
@@ -237,20 +237,31 @@ def zoo(request: pytest.FixtureRequest) -> Iterator[Zoo]:
     gc.collect()  # models of several GB each: do not let cycles keep the last one alive during the next
 
 
-def eligible(convs: Mapping[str, nn.Conv2d], kind: str, groups: int = GROUPS) -> set[str]:
+def eligible(convs: Mapping[str, nn.Conv2d], kind: str, groups: int = GROUPS, rank: int | None = None) -> set[str]:
     """The sites a pass of ``kind`` must rewrite, by the documented rules (README "Passes"), from module attributes.
 
-    Separable kinds need a kxk kernel and more than one input channel per group; the grouped kinds need ``groups``
-    to divide the input channels (and, for ``grouped``, the output channels) and to be a larger multiple of the
-    conv's own group count (its weight is block-diagonal in those groups).
+    Eligibility is by cost (issue 14): a separable kind is refused only for a depthwise conv, or where the conv is a
+    1x1 or has one input channel per group and even the cheapest split (rank 1; grouped-separable keeping the conv's
+    own G groups) costs no fewer MACs per position: ``G*I*K + g*O >= O*I*K`` with g = I (depthwise-separable) or
+    g = G. Grouped-separable needs ``groups`` to divide the input channels and to be a multiple of G (G itself is a
+    plain rank-r split); grouped needs it to divide the output channels too and to be larger than G. With a
+    ``rank`` (not exact), a grouped-separable split of such a 1x1 / one-channel conv must itself save:
+    ``G*I*r*K + groups*r*O < O*I*K``.
     """
     out = set()
     for name, c in convs.items():
-        separable = c.kernel_size != (1, 1) and c.in_channels // c.groups > 1
-        refines = groups % c.groups == 0 and groups != c.groups and c.in_channels % groups == 0
-        ok = {"depthwise-separable": separable,
-              "grouped-separable": separable and refines,
-              "grouped": refines and c.out_channels % groups == 0}[kind]
+        i, o, g, k = c.in_channels, c.out_channels, c.groups, c.kernel_size[0] * c.kernel_size[1]
+        depthwise = g == i and i > 1
+        structural = depthwise or k == 1 or i // g == 1
+
+        def saves(split: int, i: int = i, o: int = o, g: int = g, k: int = k) -> bool:
+            return g * i * k + split * o < o * i * k
+
+        multiple = groups % g == 0 and i % groups == 0
+        ok = {"depthwise-separable": not depthwise and (not structural or saves(i)),
+              "grouped-separable": not depthwise and (not structural or saves(g)) and multiple and (
+                  rank is None or not structural or g * i * rank * k + groups * rank * o < o * i * k),
+              "grouped": multiple and groups != g and o % groups == 0}[kind]
         if ok:
             out.add(name)
     return out
@@ -521,7 +532,8 @@ def test_lossy_grouped_and_grouped_separable_run_keep_shapes_and_cut_macs(zoo: Z
         with torch.no_grad():
             result = fxrewrite.rewrite(zoo.model, (zoo.x,), passes=passes, verify=False)
             out = result.module(zoo.x)
-        rewritten = _check_records(result, kind, eligible(zoo.convs, kind))
+        rewritten = _check_records(result, kind, eligible(zoo.convs, kind, rank=1 if kind == "grouped-separable"
+                                                          else None))
         assert rewritten or kind == "grouped-separable"  # some families have no grouped-separable site
         assert out.shape == zoo.y.shape and out.dtype == torch.float32 and bool(out.isfinite().all())
         if rewritten:
