@@ -4,10 +4,11 @@
 fundamental is one of ``classes`` semitones from A2 (110 Hz) up, detuned by up to +-25 cents, with 1 to 8 harmonics of
 random decaying amplitudes and phases, in white noise at 0 to 20 dB SNR, scaled to unit RMS. The label is the semitone.
 ``PitchCNN`` is built the way audio front ends are: a single-channel stem ``Conv2d(1, C, (256, 1), stride=(4, 1))``
-(a learned filter bank, the most expensive layer), then four convs with 32 taps, each with BatchNorm and ReLU,
-max-pooling between them, global average pooling, dropout and a linear head. It trains seeded with Adam in about a
-minute on two CPU threads; then ``fxrewrite.rewrite(model, (x,), target=Target(macs=f))`` rewrites it data-free and
-``rewrite(..., calibration=batches)`` with repair, the path users call, and test accuracy is measured for each.
+(a learned filter bank, the most expensive layer: 43% of the conv MACs) with BatchNorm, ReLU and max-pooling, then
+four convs with 32 taps, each with BatchNorm and ReLU, global average pooling, dropout and a linear head. It trains
+seeded with Adam (5000 frames, 5 epochs) in about 12 s on two idle CPU threads to 99.3% test accuracy; then
+``fxrewrite.rewrite(model, (x,), target=Target(macs=f))`` rewrites it data-free and ``rewrite(...,
+calibration=batches)`` with repair, the path users call, and test accuracy is measured for each.
 
 Run it with ``python -m fxrewrite.demos.pitch`` (``--quick`` for a shorter run, ``--json`` for the rows as JSON).
 
