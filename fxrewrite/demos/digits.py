@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from tabulate import tabulate
 from torch import nn
 
+from fxrewrite.demos.training import accuracy, fit_classifier
+
 FORMS = ("depthwise-separable", "grouped-separable", "grouped", "depthwise-bottleneck", "tucker2",
          "grouped-bottleneck")
 #: the pass that applies a form, where its name differs (Tucker-2 is the grouped bottleneck with one group)
@@ -103,33 +105,8 @@ def train_cnn(data: DigitsData, *, epochs: int = 15, batch_size: int = 64, lr: f
     """Train a DigitsCNN with Adam and a cosine schedule, seeded; returned in eval mode."""
     torch.manual_seed(seed)
     model = DigitsCNN(width)
-    generator = torch.Generator().manual_seed(seed)
-    n = data.x_train.shape[0]
-    steps = epochs * math.ceil(n / batch_size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
-        for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
-            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Top-1 accuracy in percent (model run in eval mode; its flag is restored)."""
-    training = model.training
-    model.eval()
-    try:
-        return 100.0 * float((model(x).argmax(dim=1) == y).float().mean())
-    finally:
-        model.train(training)
+    return fit_classifier(model, data.x_train, data.y_train, epochs=epochs, batch_size=batch_size, lr=lr,
+                          seed=seed)
 
 
 @torch.no_grad()

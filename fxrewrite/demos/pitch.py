@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from tabulate import tabulate
 from torch import nn
 
+from fxrewrite.demos.training import accuracy, fit_classifier
+
 SAMPLE_RATE = 8000
 FRAME = 1024
 LOWEST_MIDI = 45  # A2, 110 Hz
@@ -124,34 +126,8 @@ def train_cnn(data: PitchData, *, classes: int = 36, width: int = 32, stem_taps:
     """Train a PitchCNN with Adam and a one-cycle schedule, seeded; returned in eval mode."""
     torch.manual_seed(seed)
     model = PitchCNN(classes, width, stem_taps)
-    generator = torch.Generator().manual_seed(seed)
-    n = data.x_train.shape[0]
-    steps = epochs * math.ceil(n / batch_size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
-        for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
-            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
-    """Top-1 accuracy in percent (model run in eval mode; its flag is restored)."""
-    training = model.training
-    model.eval()
-    try:
-        hits = sum(int((model(x[i:i + batch]).argmax(dim=1) == y[i:i + batch]).sum()) for i in range(0, len(y), batch))
-        return 100.0 * hits / len(y)
-    finally:
-        model.train(training)
+    return fit_classifier(model, data.x_train, data.y_train, epochs=epochs, batch_size=batch_size, lr=lr,
+                          seed=seed)
 
 
 def conv_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
