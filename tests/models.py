@@ -329,3 +329,16 @@ def marker_line(marker: str) -> int:
         lines = [i for i, text in enumerate(f, start=1) if text.rstrip().endswith(f"# {marker}")]
     assert len(lines) == 1, f"marker {marker} must appear exactly once, found {lines}"
     return lines[0]
+
+
+class Three(nn.Module):
+    """Three convs of different shapes (so no two sites share a configuration)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(8, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, stride=2)
+        self.conv3 = nn.Conv2d(16, 32, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(x)))))

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 import torch
+from error_oracle import check_errors
+from models import Three
 from torch import nn
 
 import fxrewrite
@@ -31,7 +33,7 @@ from fxrewrite.errors import ConfigError
 from fxrewrite.graph.capture import trace
 from fxrewrite.graph.shapes import propagate_shapes
 from fxrewrite.maths import factorize
-from fxrewrite.maths.output_error import grouped_output_error, separable_output_errors, tucker2_output_errors
+from fxrewrite.maths.output_error import separable_output_errors
 from fxrewrite.measure.latency import measure_latency
 
 
@@ -46,19 +48,6 @@ def _traced(model: nn.Module, *inputs: torch.Tensor) -> torch.fx.GraphModule:
     gm = trace(model)
     propagate_shapes(gm, inputs)
     return gm
-
-
-class Three(nn.Module):
-    """Three convs of different shapes (so no two sites share a configuration)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(8, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, stride=2)
-        self.conv3 = nn.Conv2d(16, 32, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(x)))))
 
 
 def _macs(cfg: LayerConfig) -> int:
@@ -266,25 +255,6 @@ def _stats(conv: nn.Conv2d, batches: list[tuple[torch.Tensor]]) -> Any:
     return stats
 
 
-def _out_err(conv: nn.Conv2d, weight: torch.Tensor, batches: list[tuple[torch.Tensor]], groups: int) -> float:
-    """Relative output error of replacing conv's weight by ``weight`` (bias kept), by running both in float64."""
-    num = den = 0.0
-    bias = None if conv.bias is None else conv.bias.detach().double()
-    for (x,) in batches:
-        ref = nn.functional.conv2d(x.double(), conv.weight.detach().double(), bias, conv.stride, conv.padding, 1,
-                                   groups)
-        new = nn.functional.conv2d(x.double(), weight.double(), bias, conv.stride, conv.padding, 1, groups)
-        num += float((new - ref).square().sum())
-        den += float(ref.square().sum())
-    return math.sqrt(num / den)
-
-
-def _grouped_layout(dense: torch.Tensor, groups: int) -> torch.Tensor:
-    o, i = dense.shape[:2]
-    return torch.cat([dense[b * o // groups:(b + 1) * o // groups, b * i // groups:(b + 1) * i // groups]
-                      for b in range(groups)])
-
-
 @pytest.mark.parametrize("source_groups", [1, 2])
 def test_calibrated_errors_equal_dense_evaluation(source_groups: int) -> None:
     torch.manual_seed(0)
@@ -292,30 +262,9 @@ def test_calibrated_errors_equal_dense_evaluation(source_groups: int) -> None:
     batches = [(torch.randn(3, 8, 6, 6),) for _ in range(2)]
     stats = _stats(conv, batches)
     w = conv.weight.detach().double()
-    for g in (g for g in (2, 4, 8) if g > source_groups):
-        errors = separable_output_errors(stats, g)
-        for r in range(1, factorize.exact_rank(tuple(w.shape), source_groups, g) + 1):
-            f = factorize.grouped_separable(w, source_groups=source_groups, groups=g, rank=r)
-            composed = torch.einsum("oc,cikl->oikl", factorize.dense_weight(f.pointwise, source_groups)[:, :, 0, 0],
-                                    factorize.dense_weight(f.spatial, g))
-            new = _grouped_layout(composed, source_groups)
-            expected = _out_err(conv, new, batches, source_groups)
-            assert errors[r] == pytest.approx(expected, rel=1e-6, abs=1e-9), (g, r)
-            dw = (w - new).reshape(source_groups, 12 // source_groups, -1)
-            assert stats.output_error(dw) == pytest.approx(expected, rel=1e-6, abs=1e-9)
-        if 12 % g == 0:
-            block = factorize.block_diagonal(w, source_groups=source_groups, groups=g)
-            kept = _grouped_layout(factorize.dense_weight(block.weight, g), source_groups)
-            assert grouped_output_error(stats, g) == pytest.approx(_out_err(conv, kept, batches, source_groups),
-                                                                   rel=1e-6)
-    if source_groups == 1:
-        mode_o, mode_i = w.reshape(12, -1), w.transpose(0, 1).reshape(8, -1)
-        u = torch.linalg.eigh(mode_o @ mode_o.mT).eigenvectors.flip(-1)
-        v = torch.linalg.eigh(mode_i @ mode_i.mT).eigenvectors.flip(-1)
-        for r, err in zip(range(1, 13), tucker2_output_errors(stats, u, v, range(1, 13)), strict=True):
-            pu, pv = u[:, :min(r, 12)] @ u[:, :min(r, 12)].T, v[:, :min(r, 8)] @ v[:, :min(r, 8)].T
-            projected = torch.einsum("op,pikl,iq->oqkl", pu, w, pv)
-            assert err == pytest.approx(_out_err(conv, projected, batches, 1), rel=1e-6, abs=1e-9), r
+    check_errors(stats, conv, batches, source_groups, [g for g in (2, 4, 8) if g > source_groups],
+                 lambda g: range(1, factorize.exact_rank(tuple(w.shape), source_groups, g) + 1), range(1, 13),
+                 separable_rel=1e-6)
 
 
 def test_calibration_aware_plan_beats_the_data_free_one_on_low_dimensional_activations() -> None:

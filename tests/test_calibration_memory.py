@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from error_oracle import check_errors
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -24,8 +25,6 @@ from fxrewrite.budget.target import Target
 from fxrewrite.graph.capture import trace
 from fxrewrite.graph.shapes import propagate_shapes
 from fxrewrite.graph.sites import find_sites
-from fxrewrite.maths import factorize
-from fxrewrite.maths.output_error import grouped_output_error, separable_output_errors, tucker2_output_errors
 from fxrewrite.tuning.repair import repair
 
 MiB = 1 << 20
@@ -41,24 +40,6 @@ def _stats(conv: nn.Conv2d, batches: list[tuple[torch.Tensor]], cap: int) -> Any
     gm = _traced(nn.Sequential(conv).eval(), batches[0][0])
     (_, stats), = collect_site_stats(gm, find_sites(gm), batches, max_bytes=cap)
     return stats
-
-
-def _out_err(conv: nn.Conv2d, weight: torch.Tensor, batches: list[tuple[torch.Tensor]], groups: int) -> float:
-    num = den = 0.0
-    bias = None if conv.bias is None else conv.bias.detach().double()
-    for (x,) in batches:
-        ref = nn.functional.conv2d(x.double(), conv.weight.detach().double(), bias, conv.stride, conv.padding, 1,
-                                   groups)
-        new = nn.functional.conv2d(x.double(), weight.double(), bias, conv.stride, conv.padding, 1, groups)
-        num += float((new - ref).square().sum())
-        den += float(ref.square().sum())
-    return math.sqrt(num / den)
-
-
-def _grouped_layout(dense: torch.Tensor, groups: int) -> torch.Tensor:
-    o, i = dense.shape[:2]
-    return torch.cat([dense[b * o // groups:(b + 1) * o // groups, b * i // groups:(b + 1) * i // groups]
-                      for b in range(groups)])
 
 
 def test_dense_gram_below_the_cap_factor_above() -> None:
@@ -77,31 +58,7 @@ def test_exact_column_factor_gives_the_dense_errors(source_groups: int) -> None:
     batches = [(torch.randn(1, 48, 5, 5),) for _ in range(2)]
     stats = _stats(conv, batches, MiB)
     assert stats.method == "columns" and stats.gram is None and stats.factor.shape[-1] == 50
-    w = conv.weight.detach().double()
-    for g in (4, 8, 48):
-        errors = separable_output_errors(stats, g)
-        for r in (1, 2, 5):
-            f = factorize.grouped_separable(w, source_groups=source_groups, groups=g, rank=r)
-            composed = torch.einsum("oc,cikl->oikl", factorize.dense_weight(f.pointwise, source_groups)[:, :, 0, 0],
-                                    factorize.dense_weight(f.spatial, g))
-            new = _grouped_layout(composed, source_groups)
-            expected = _out_err(conv, new, batches, source_groups)
-            assert errors[r] == pytest.approx(expected, rel=1e-5, abs=1e-8), (g, r)
-            dw = (w - new).reshape(source_groups, 24 // source_groups, -1)
-            assert stats.output_error(dw) == pytest.approx(expected, rel=1e-6, abs=1e-9)
-        if 24 % g == 0:
-            block = factorize.block_diagonal(w, source_groups=source_groups, groups=g)
-            kept = _grouped_layout(factorize.dense_weight(block.weight, g), source_groups)
-            assert grouped_output_error(stats, g) == pytest.approx(_out_err(conv, kept, batches, source_groups),
-                                                                   rel=1e-6)
-    if source_groups == 1:
-        mode_o, mode_i = w.reshape(24, -1), w.transpose(0, 1).reshape(48, -1)
-        u = torch.linalg.eigh(mode_o @ mode_o.mT).eigenvectors.flip(-1)
-        v = torch.linalg.eigh(mode_i @ mode_i.mT).eigenvectors.flip(-1)
-        for r, err in zip((1, 5, 30), tucker2_output_errors(stats, u, v, (1, 5, 30)), strict=True):
-            pu, pv = u[:, :min(r, 24)] @ u[:, :min(r, 24)].T, v[:, :min(r, 48)] @ v[:, :min(r, 48)].T
-            projected = torch.einsum("op,pikl,iq->oqkl", pu, w, pv)
-            assert err == pytest.approx(_out_err(conv, projected, batches, 1), rel=1e-6, abs=1e-9), r
+    check_errors(stats, conv, batches, source_groups, (4, 8, 48), lambda g: (1, 2, 5), (1, 5, 30), separable_rel=1e-5)
 
 
 def _measured(model: nn.Module, rewritten: nn.Module, batches: list[tuple[torch.Tensor]]) -> float:

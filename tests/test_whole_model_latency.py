@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from models import Three
 from torch import nn
 
 import fxrewrite
@@ -33,17 +34,6 @@ def _fresh_cache() -> Iterator[None]:
     clear_memory_cache()
     yield
     clear_memory_cache()
-
-
-class Three(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(8, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, stride=2)
-        self.conv3 = nn.Conv2d(16, 32, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(x)))))
 
 
 def _macs(m: nn.Module, *inputs: torch.Tensor) -> int:
