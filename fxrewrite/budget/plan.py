@@ -74,7 +74,10 @@ class BudgetPlan:
     ``latency_info`` says how they were measured; ``latency_check(report)`` compares the prediction with a
     whole-model measurement. ``model_latency`` (latency targets, from ``fxrewrite.budget.whole_model.fit_latency``):
     the bound on the whole model, what was timed, every round of measuring and tightening, the seconds it took and
-    the accepted plan's ``timing``.
+    the accepted plan's ``timing``. ``end_to_end`` (calibrated MAC / params budgets, from
+    ``fxrewrite.budget.end_to_end.fit_end_to_end``): the predicted and measured whole-model output error of this plan,
+    which plan was chosen (``"budget round k"`` or ``"uniform <family>"``), every round's figures, the uniform plans'
+    figures, the measured per-site gains and the seconds it took.
     """
 
     target: Target
@@ -94,6 +97,19 @@ class BudgetPlan:
     latency_after_ms: float | None = None
     latency_info: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     model_latency: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    end_to_end: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def predicted_output_error(self) -> float | None:
+        """The whole-model relative output error the objective predicts for this plan (calibrated budgets; see
+        ``fxrewrite.budget.end_to_end``), None without an end-to-end record."""
+        return self.end_to_end.get("predicted")
+
+    @property
+    def measured_output_error(self) -> float | None:
+        """The whole model's measured relative output error ``||f'(x) - f(x)|| / ||f(x)||`` on the calibration
+        batches (calibrated budgets), None without an end-to-end record."""
+        return self.end_to_end.get("measured")
 
     @property
     def macs_fraction(self) -> float:
@@ -209,13 +225,15 @@ class BudgetPlan:
             if c.site in out_err:
                 d["measured_output_rel_l2"] = out_err[c.site]
             sites.append(d)
+        e2e = {"end_to_end": _plain(self.end_to_end)} if self.end_to_end else {}
         return {"target": self.target.to_dict(), "method": self.method, "forms": list(self.forms),
                 "objective": self.objective, "objective_name": self.objective_name,
                 "macs_before": self.macs_before, "macs_after": self.macs_after,
                 "params_before": self.params_before, "params_after": self.params_after,
                 "macs_fraction": self.macs_fraction, "params_fraction": self.params_fraction,
                 "error_metric": self.error_metric, "seconds": dict(self.seconds), "sites": sites,
-                "excluded": [{"site": s, "reason": r} for s, r in self.excluded]} | self._latency_dict(result, latency)
+                "excluded": [{"site": s, "reason": r} for s, r in self.excluded]
+                } | self._latency_dict(result, latency) | e2e
 
     def _latency_dict(self, result: Any, latency: Any) -> dict[str, Any]:
         if self.latency_before_ms is None:
@@ -292,7 +310,20 @@ class BudgetPlan:
                         if timing is not None else "nothing rewritten")
             head += (f"\nwhole-model latency bound {m['bound']:g}x: {measured} after {len(m['rounds'])} measured "
                      f"plan(s); planning took {sum(self.seconds.values()):.1f} s; timed {m['timed']}")
+        if self.end_to_end:
+            head += "\n" + self._end_to_end_lines()
         return head + "\n" + tabulate(rows, headers=headers, tablefmt=tablefmt)
+
+    def _end_to_end_lines(self) -> str:
+        e = self.end_to_end
+        rounds = "; ".join(f"round {r['round']} ({r['weights']}): {r['changed_sites']} site(s), MACs "
+                           f"{r['macs_fraction']:.3f}x, predicted {r['predicted']:.4f}, measured {r['measured']:.4f}"
+                           for r in e.get("rounds", ()))
+        uniform = "; ".join(f"{u['plan']}: MACs {u['macs_fraction']:.3f}x, measured {u['measured']:.4f}"
+                            for u in e.get("uniform", ())) or "none meets the target"
+        return (f"whole-model output error (rel. L2 on the calibration batches): predicted {e['predicted']:.4f}, "
+                f"measured {e['measured']:.4f}; chosen: {e['chosen']} ({e['seconds']:.2f} s)\n"
+                f"  budget rounds: {rounds}\n  uniform plans: {uniform}")
 
     def __str__(self) -> str:
         return self.table()
@@ -312,3 +343,12 @@ def _measured(result: Any) -> tuple[dict[str, float | None], dict[str, float]]:
         if check.local is not None:
             out_err[check.site] = check.local.rel_l2
     return weight_err, out_err
+
+
+def _plain(value: Any) -> Any:
+    """Mappings and sequences as dicts and lists (JSON-ready)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value

@@ -324,8 +324,17 @@ def _shapes(inputs: Sequence[Any]) -> str:
 def plan_budget(original: nn.Module, gm: torch.fx.GraphModule, inputs: Sequence[Any], target: Target,
                 forms: Any, *, timer: ModelTimer | None = None, **options: Any) -> BudgetPlan:
     """What ``rewrite(..., target=...)`` plans: ``choose_plan`` (``options`` are its keywords), and with a latency
-    target ``fit_latency`` on top, so the bound holds on the whole model measured against ``original``."""
+    target ``fit_latency`` on top, so the bound holds on the whole model measured against ``original``. With
+    ``calibration`` and no latency bound, ``fit_end_to_end`` (``fxrewrite.budget.end_to_end``): the plan is measured
+    on the whole model and re-planned while worse than predicted, and never worse than a uniform plan
+    (``end_to_end={...}``: its keywords)."""
     from fxrewrite.budget.choose import choose_plan, prepare_budget
+    if target.latency is None and options.get("calibration") is not None:
+        from fxrewrite.budget.end_to_end import fit_end_to_end
+        plan_options = {k: options.pop(k) for k in ("method", "objective", "buckets") if k in options}
+        e2e_options = options.pop("end_to_end", None) or {}
+        return fit_end_to_end(prepare_budget(gm, target, forms, **options), gm, options["calibration"],
+                              input_fn=options.get("input_fn"), **plan_options, **e2e_options)
     if target.latency is None:
         return choose_plan(gm, target, forms, **options)
     keys = ("method", "objective")
