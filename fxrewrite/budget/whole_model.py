@@ -12,7 +12,10 @@ one more activation).
 
 **The bound** (``fit_latency``, ``Target(latency=f)``): per-layer timings (``fxrewrite.budget.layer_latency``) give
 the candidates and a first plan whose summed site latencies meet ``f``; the plan's architecture (built with
-``structure_only``: no factorisation) is then timed as a whole against the original. While the measured ratio is
+``structure_only``: no factorisation) is then timed as a whole against the original. A measurement that meets
+``f`` by less than two standard errors of its ratio (from the interleaved rounds' own ratios, ``ratio_se``) is
+repeated and the slower of the two decides: on the trained pitch model at batch 64 one measurement's ratio varies by
+about 0.01 between runs, so a plan measured once at 0.69x was 0.70x when measured again. While the measured ratio is
 above ``f`` the per-layer budget is lowered by the measured excess (in milliseconds, and at least by the ratio
 ``f / measured`` and by 0.02) and the plan chosen again from the same measurements (nothing is timed twice per
 layer); after ``max_rounds`` plans, or when no plan meets the lowered per-layer budget, ``BudgetInfeasible`` gives
@@ -53,7 +56,8 @@ from fxrewrite.errors import ConfigError
 from fxrewrite.measure.latency import ort_session, time_round_robin, torch_threads
 from fxrewrite.util.runtime import device_of, eval_mode
 
-__all__ = ["SLOWER_TOLERANCE", "ModelTiming", "check_model_latency", "fit_latency", "plan_budget", "time_models"]
+__all__ = ["SLOWER_TOLERANCE", "ModelTiming", "check_model_latency", "fit_latency", "plan_budget",
+           "ratio_standard_error", "time_models"]
 
 SLOWER_TOLERANCE = 0.02
 MODEL_BACKENDS = ("eager", "channels_last", "onnxruntime", "cuda", "inductor")
@@ -72,6 +76,7 @@ class ModelTiming:
     seconds: float
     input_shapes: tuple[tuple[int, ...], ...]
     device: str
+    ratio_se: float = 0.0  # standard error of ``ratio`` from the rounds' own ratios (0: exact, e.g. a fake timer)
 
     @property
     def ratio(self) -> float:
@@ -98,7 +103,8 @@ class ModelTiming:
         return {"backend": self.backend, "original_ms": self.original_ms, "rewritten_ms": self.rewritten_ms,
                 "ratio": self.ratio, "slower": self.slower, "tolerance": SLOWER_TOLERANCE, "runs": self.runs,
                 "warmup": self.warmup, "threads": self.threads, "seconds": self.seconds,
-                "input_shapes": [list(s) for s in self.input_shapes], "device": self.device}
+                "input_shapes": [list(s) for s in self.input_shapes], "device": self.device,
+                "ratio_se": self.ratio_se}
 
 
 ModelTimer = Callable[..., ModelTiming]
@@ -186,7 +192,22 @@ def time_models(original: nn.Module, rewritten: nn.Module, inputs: Sequence[Any]
                 keep_alive.cleanup()
     shapes = tuple(tuple(int(d) for d in x.shape) for x in inputs if isinstance(x, torch.Tensor))
     return ModelTiming(backend, statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3, len(times[0]),
-                       warmup, used, seconds, shapes, device)
+                       warmup, used, seconds, shapes, device, ratio_standard_error(times[0], times[1]))
+
+
+def ratio_standard_error(original: Sequence[float], rewritten: Sequence[float]) -> float:
+    """Standard error of a median-of-rounds ratio from the interleaved rounds' own ratios ``b_i / a_i``: 1.2533 x
+    the robust sigma (1.4826 x their median absolute deviation) / sqrt(rounds); 0.0 under 3 rounds.
+
+    >>> round(ratio_standard_error([1.0, 1.0, 1.0, 1.0], [0.5, 0.6, 0.7, 0.6]), 4)
+    0.0465
+    """
+    ratios = [b / a for a, b in zip(original, rewritten, strict=True) if a > 0]
+    if len(ratios) < 3:
+        return 0.0
+    mid = statistics.median(ratios)
+    mad = statistics.median(abs(r - mid) for r in ratios)
+    return 1.2533 * 1.4826 * mad / len(ratios) ** 0.5
 
 
 def check_model_latency(original: nn.Module, rewritten: nn.Module, inputs: Sequence[Any], plan: BudgetPlan, *,
@@ -235,10 +256,13 @@ def _keep_all(prepared: PreparedBudget, target: Target) -> BudgetPlan:
 
 def fit_latency(prepared: PreparedBudget, original: nn.Module, gm: torch.fx.GraphModule, inputs: Sequence[Any], *,
                 timer: ModelTimer | None = None, max_rounds: int = 6, method: str = "auto",
-                objective: str = "log-cosine", timer_options: Mapping[str, Any] | None = None) -> BudgetPlan:
+                objective: str = "log-cosine", timer_options: Mapping[str, Any] | None = None,
+                confirm: float = 2.0) -> BudgetPlan:
     """The plan whose whole model, measured against ``original`` on ``inputs``, is within ``prepared.target``'s
     latency bound (see the module docstring). ``gm`` is the traced original with shapes (copied, not changed);
-    ``timer`` replaces ``time_models`` (same signature; tests inject a deterministic one)."""
+    ``timer`` replaces ``time_models`` (same signature; tests inject a deterministic one). A measurement that meets
+    the bound by less than ``confirm`` standard errors of its ratio (``ModelTiming.ratio_se``) is taken again and
+    the slower of the two decides (0 turns this off)."""
     target = prepared.target
     if target.latency is None:
         raise ConfigError("fit_latency needs a latency target")
@@ -267,9 +291,15 @@ def fit_latency(prepared: PreparedBudget, original: nn.Module, gm: torch.fx.Grap
             seen.add(signature)
             structure = plan.apply(copy.deepcopy(gm), structure_only=True).graph_module
             timing = timer(original, structure, inputs, target.backend, **dict(timer_options or {}))
+            ratios = [timing.ratio]
+            if timing.ratio <= bound < timing.ratio + confirm * timing.ratio_se:  # within its noise of the bound
+                again = timer(original, structure, inputs, target.backend, **dict(timer_options or {}))
+                ratios.append(again.ratio)
+                timing = max(timing, again, key=lambda t: t.ratio)  # the slower measurement stands
             rounds.append({"sites_fraction_budget": fraction, "sites_fraction_predicted": predicted,
                            "changed_sites": len(plan.changed), "original_ms": timing.original_ms,
-                           "rewritten_ms": timing.rewritten_ms, "ratio": timing.ratio, "runs": timing.runs})
+                           "rewritten_ms": timing.rewritten_ms, "ratio": timing.ratio, "runs": timing.runs,
+                           "ratio_se": timing.ratio_se, "measurements": ratios})
             if timing.ratio <= bound:
                 accepted = (plan, timing)
                 break
