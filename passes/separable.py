@@ -29,7 +29,7 @@ small maps (256 x 14x14), but not reliably for large maps in contiguous layout n
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -252,8 +252,8 @@ class GroupedSeparableForm:
 PASS_NAMES = ("depthwise-separable", "grouped-separable")
 
 
-def _already_split(gm: torch.fx.GraphModule, site: ConvSite) -> Reason | None:
-    node = next((n for n in gm.graph.nodes if n.name == site.node), None)
+def _already_split(site: ConvSite, nodes: Mapping[str, torch.fx.Node]) -> Reason | None:
+    node = nodes.get(site.node)
     provenance = (node.meta.get(PROVENANCE_KEY) or {}) if node is not None else {}
     if provenance.get("pass") not in PASS_NAMES:
         return None
@@ -268,9 +268,10 @@ class _SeparableSites:
     def _sites(self, gm: torch.fx.GraphModule, rules: Sequence[Rule]
                ) -> list[tuple[ConvSite, Pass, Reason | None, Selection]]:
         out = []
+        nodes = {n.name: n for n in gm.graph.nodes}  # indexed once: a scan per site is quadratic in the graph
         for site, effective, reason, selection in super()._sites(gm, rules):  # type: ignore[misc]
             if reason is None:
-                reason = _already_split(gm, site)
+                reason = _already_split(site, nodes)
             out.append((site, effective, reason, selection))
         return out
 

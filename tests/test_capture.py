@@ -315,3 +315,65 @@ def test_shape_shortcut_still_checks_channels() -> None:
     gm = trace(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.LayerNorm(6)))
     with pytest.raises(ConfigError, match="at node _2 "):
         propagate_shapes(gm, (torch.randn(2, 3, 4, 7),))
+
+
+class Elementwise(nn.Module):
+    """Every shortcut of the shape propagation (shape-preserving modules and functions, in place and not, equal
+    and broadcast operands) next to what must dispatch (a strided view, a broadcast add)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.bn(self.conv(x)))
+        z = torch.nn.functional.relu(self.conv2(y), inplace=True)
+        z += y
+        z = torch.sigmoid(z) * torch.tanh(y) + torch.nn.functional.hardswish(z)
+        view = z[:, :, ::2]  # a strided view: its consumers dispatch
+        w = self.bn(torch.relu(view).contiguous()) + z.mean(dim=1, keepdim=True)[:, :, ::2]  # broadcast
+        return torch.nn.functional.silu(w) + torch.nn.functional.gelu(view)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("name", ["elementwise", "resnet18", "mobilenet_v3_small"])
+def test_shape_shortcuts_record_what_dispatch_and_real_execution_give(name: str, memory_format: torch.memory_format,
+                                                                      seeded: None) -> None:
+    import torchvision
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+    model = {"elementwise": Elementwise, "resnet18": torchvision.models.resnet18,
+             "mobilenet_v3_small": torchvision.models.mobilenet_v3_small}[name]().eval()
+    model = model.to(memory_format=memory_format)
+    x = torch.randn(1, 3, 32, 32).to(memory_format=memory_format)
+    gm = trace(model)
+
+    def metadata() -> list[tuple[object, ...]]:
+        vals = [n.meta.get("val") for n in gm.graph.nodes if n.op != "output"]
+        return [(tuple(v.shape), v.stride(), v.dtype, v.device) if isinstance(v, torch.Tensor) else v for v in vals]
+
+    propagate_shapes(gm, (x,))
+    ours = metadata()
+    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(x)  # no shortcuts
+    assert ours == metadata()
+    seen: dict[str, object] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> object:
+            out = super().run_node(n)
+            seen[n.name] = (tuple(out.shape), out.stride(), out.dtype, out.device) if isinstance(
+                out, torch.Tensor) else out
+            return out
+
+    with torch.no_grad():
+        Recorder(gm).run(x.clone())
+
+    def loose(m: object) -> object:  # a stride along a size-1 dim is arbitrary (fake and real pick differently)
+        if not isinstance(m, tuple) or len(m) != 4 or not isinstance(m[0], tuple):
+            return m
+        return m[0], tuple(s if d > 1 else None for d, s in zip(m[0], m[1], strict=True)), m[2], m[3]
+
+    assert [loose(m) for m in ours] == [loose(seen[n.name]) for n in gm.graph.nodes if n.op != "output"]

@@ -21,7 +21,14 @@ import torch
 from torch import nn
 
 from fxrewrite.errors import ConfigError, FxRewriteError
-from fxrewrite.graph.capture import LeafSpec, check_capture_options, check_traceable_type, trace
+from fxrewrite.graph.capture import (
+    LeafSpec,
+    check_capture_options,
+    check_traceable_type,
+    copy_graph,
+    graph_module_over,
+    trace,
+)
 from fxrewrite.graph.select import Rule, parse_rules, resolve
 from fxrewrite.graph.shapes import propagate_shapes
 from fxrewrite.graph.site_nodes import nonfinite_weights, site_groups
@@ -241,6 +248,7 @@ def rewrite_graph(model: nn.Module, example_inputs: Any, passes: PassesArg = Non
         _warn_if_training(model)
     hidden = tuple(hidden_convs(gm, model))  # before the passes: they only replace sites
     before = model_cost(gm)
+    reference = _reference(model, gm) if verify else None
     before_nodes = {(str(n.target) if n.op == "call_module" else n.name): n.name for n in gm.graph.nodes}
     budget_plan = None
     if target is not None:
@@ -273,7 +281,8 @@ def rewrite_graph(model: nn.Module, example_inputs: Any, passes: PassesArg = Non
         verification = verify_rewrite(
             model, result.graph_module, inputs, rtol=(math.inf if lossy else None) if rtol is None else rtol,
             atol=atol, numerics=verify is True, batches=batches, sites=rewritten_sites, concrete_args=concrete_args,
-            leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+            leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, reference=reference,
+            costs=(before, after))
     costs = CostComparison.from_verification(verification) if verification is not None else None
     if costs is None:
         costs = compare_costs(before, after, before_nodes, result.graph_module, rewritten_sites)
@@ -295,6 +304,18 @@ def rewrite_graph(model: nn.Module, example_inputs: Any, passes: PassesArg = Non
     return RewriteResult(result.graph_module, report, verification, measured, repaired, budget_plan)
 
 
+
+
+def _reference(model: nn.Module, gm: torch.fx.GraphModule) -> torch.fx.GraphModule | None:
+    """The verifier's view of the untouched ``model``: the captured graph (copied before the passes change it) over
+    ``model``'s own modules, instead of tracing ``model`` a second time; None (the verifier traces it) where the
+    graph names something ``model`` lacks (a tracer-made constant, a bare Conv2d's wrapper)."""
+    if isinstance(model, nn.Conv2d):
+        return None
+    try:
+        return graph_module_over(model, copy_graph(gm.graph), runnable=False)
+    except (RuntimeError, AttributeError):
+        return None
 
 
 def compare_costs(before: ModelCost, after: ModelCost, before_nodes: Mapping[str, str],

@@ -140,26 +140,61 @@ def trace(model: nn.Module, *, concrete_args: Mapping[str, Any] | None = None,
     return gm
 
 
-def _shallow_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+class _InterpretedGraphModule(torch.fx.GraphModule):
+    """A GraphModule that is only read and interpreted (``torch.fx.Interpreter``, ``run_nodes``): no Python code is
+    generated and compiled for it (most of what building a GraphModule over a large graph costs), so calling it
+    raises ``NotImplementedError``."""
+
+    def recompile(self) -> Any:
+        return None
+
+
+def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """A copy of ``graph`` with the same node names, node meta copied shallowly.
+
+    >>> gm = trace(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()))
+    >>> [n.name for n in copy_graph(gm.graph).nodes] == [n.name for n in gm.graph.nodes]
+    True
+    """
+    copied = torch.fx.Graph()
+    copied._codegen = graph._codegen
+    copied.output(copied.graph_copy(graph, {}))
+    return copied
+
+
+def graph_module_over(root: nn.Module, graph: torch.fx.Graph, *, runnable: bool = True) -> torch.fx.GraphModule:
+    """A GraphModule of ``graph`` over ``root``'s own submodules and parameters (nothing is copied; ``graph`` must
+    name them as a trace of ``root`` does). ``runnable=False`` skips generating its Python code: for a module that
+    is only interpreted (the verifier's), calling it raises.
+
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+    >>> gm = graph_module_over(model, copy_graph(trace(model).graph), runnable=False)
+    >>> gm.get_submodule("0") is model[0], torch.fx.Interpreter(gm).run(torch.zeros(1, 3, 5, 5)).shape
+    (True, torch.Size([1, 8, 3, 3]))
+    """
+    cls = torch.fx.GraphModule if runnable else _InterpretedGraphModule
+    return cls(root, graph, type(root).__name__)
+
+
+def _shallow_graph_module(gm: torch.fx.GraphModule, runnable: bool = True) -> torch.fx.GraphModule:
     """A GraphModule sharing ``gm``'s submodules and parameters over a copy of its graph (node meta copied
     shallowly), so shape propagation can set ``meta["val"]`` without touching the caller's graph."""
-    graph = torch.fx.Graph()
-    graph._codegen = gm.graph._codegen
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
+    graph = copy_graph(gm.graph)
     for node in graph.nodes:  # stale values (a rewriter's best-effort metadata) must not pass for propagated ones
         node.meta.pop("val", None)
         node.meta.pop("tensor_meta", None)
-    return torch.fx.GraphModule(gm, graph, type(gm).__name__)
+    return graph_module_over(gm, graph, runnable=runnable)
 
 
 def as_graph_module(model: nn.Module, *, concrete_args: Mapping[str, Any] | None = None,
                     leaf_modules: Iterable[LeafSpec] = (),
-                    autowrap_functions: Iterable[Callable[..., Any]] = ()) -> torch.fx.GraphModule:
+                    autowrap_functions: Iterable[Callable[..., Any]] = (), runnable: bool = True
+                    ) -> torch.fx.GraphModule:
     """A GraphModule over ``model`` *without copying its parameters* (``fxrewrite.trace`` deep-copies; the verifier
-    only reads, so a 2.6 GB model is not duplicated). Same leaves and node names as ``fxrewrite.trace``."""
+    only reads, so a 2.6 GB model is not duplicated). Same leaves and node names as ``fxrewrite.trace``.
+    ``runnable=False``: see :func:`graph_module_over`."""
     if isinstance(model, torch.fx.GraphModule):
-        return _shallow_graph_module(model)
+        return _shallow_graph_module(model, runnable)
     check_traceable_type(model)
     if isinstance(model, nn.Conv2d):
         return _wrap_single_conv(model)
@@ -170,7 +205,7 @@ def as_graph_module(model: nn.Module, *, concrete_args: Mapping[str, Any] | None
         graph = tracer.trace(model, concrete_args=dict(concrete_args) if concrete_args else None)
     except Exception as exc:
         raise TraceFailure(_explain(exc, model)) from exc
-    gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = graph_module_over(tracer.root, graph, runnable=runnable)
     if concrete_args:  # as capture.trace does: the specialised values become the defaults
         _default_concrete_placeholders(gm, concrete_args)
     return gm

@@ -15,6 +15,7 @@ decomposition.
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +28,7 @@ from torch._subclasses.fake_tensor import (
     DynamicOutputShapeException,
     FakeTensor,
     FakeTensorMode,
+    unset_fake_temporarily,
 )
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
@@ -118,8 +120,16 @@ def _conv_shortcut(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if any(d <= 0 for d in shape[2:]):
         return None  # dispatch says what is wrong
     if isinstance(x, FakeTensor):  # built around a meta tensor: no dispatch at all (as the rewriter does)
-        return FakeTensor(x.fake_mode, torch.empty(shape, dtype=x.dtype, device="meta"), x.device)
+        return _meta_fake(x.fake_mode, shape, _contiguous_strides(shape), x.dtype, x.device)
     return x.new_empty(shape)
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    out, step = [], 1
+    for size in reversed(shape):
+        out.append(step)
+        step *= max(int(size), 1)
+    return tuple(reversed(out))
 
 
 def _plain_strides(t: torch.Tensor) -> bool:
@@ -132,21 +142,80 @@ def _plain_strides(t: torch.Tensor) -> bool:
     return tuple(t.stride()) == tuple(reversed(expected))
 
 
-class _FakeProp(FakeTensorProp):
-    """FakeTensorProp with shortcuts for shape-preserving modules (their output is ``empty_like`` the input) and
-    plain 2-d convolutions on contiguous inputs (the output shape from the formula)."""
+# Functions whose output has their one tensor input's metadata (elementwise, no type promotion); ``inplace`` is
+# the only keyword they may get. And binary elementwise functions whose output (or, in place, the left operand) has
+# the metadata of both operands when those agree exactly (shape, strides, dtype, device): no broadcasting, no
+# promotion, and the layout TensorIterator keeps for equal dense layouts.
+_UNARY_PRESERVING = frozenset({torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.relu,
+                               torch.nn.functional.relu6, torch.nn.functional.silu, torch.nn.functional.gelu,
+                               torch.nn.functional.hardswish, torch.nn.functional.hardsigmoid,
+                               torch.nn.functional.mish})
+_BINARY_PRESERVING = frozenset({operator.add, operator.mul, torch.add, torch.mul})
+_BINARY_INPLACE = frozenset({operator.iadd, operator.imul})
 
-    def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        module = self.fetch_attr(str(target))
-        no_global_hooks = not (torch.nn.modules.module._global_forward_hooks
-                               or torch.nn.modules.module._global_forward_pre_hooks)
-        if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and no_global_hooks:
-            if _preserves_shape(module, args[0]):
-                return torch.empty_like(args[0])
-            out = _conv_shortcut(module, args[0])
-            if out is not None:
+
+def _function_shortcut(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The fake output of an elementwise function whose result has its input's metadata (see above), without fake
+    dispatch (which costs ~100x the formula at an example input's size); None (dispatch as usual) otherwise."""
+    if target in _UNARY_PRESERVING:
+        if (len(args) == 1 and isinstance(args[0], FakeTensor) and _dense(args[0]) and set(kwargs) <= {"inplace"}
+                and isinstance(kwargs.get("inplace", False), bool)):
+            return args[0] if kwargs.get("inplace") else _fake_copy(args[0])
+        return None
+    if target in _BINARY_PRESERVING or target in _BINARY_INPLACE:
+        if kwargs or len(args) != 2 or not all(isinstance(a, FakeTensor) for a in args):
+            return None
+        a, b = args
+        if (a.shape, a.stride(), a.dtype, a.device) != (b.shape, b.stride(), b.dtype, b.device):
+            return None
+        if not _dense(a):
+            return None  # a view with gaps: TensorIterator picks its own layout
+        return a if target in _BINARY_INPLACE else _fake_copy(a)
+    return None
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Contiguous or channels-last: a layout an elementwise result keeps (a view with gaps gets a new one)."""
+    return _plain_strides(t) or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _fake_copy(t: FakeTensor) -> FakeTensor:
+    """A new FakeTensor with ``t``'s metadata, built around a meta tensor (no fake dispatch)."""
+    return _meta_fake(t.fake_mode, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+
+def _meta_fake(mode: FakeTensorMode, shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype,
+               device: torch.device) -> FakeTensor:
+    """A FakeTensor of ``mode`` around a new meta tensor. The meta tensor is made with the fake mode unset: inside
+    it, even ``torch.empty(device="meta")`` goes through fake dispatch (most of a propagation's time)."""
+    with unset_fake_temporarily():
+        meta = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+    return FakeTensor(mode, meta, device)
+
+
+class _FakeProp(FakeTensorProp):
+    """FakeTensorProp with shortcuts for shape-preserving modules and functions (their output is ``empty_like`` the
+    input) and plain 2-d convolutions on contiguous inputs (the output shape from the formula)."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if n.op in ("call_module", "call_function"):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            out = (self._module_shortcut(str(n.target), args, kwargs) if n.op == "call_module"
+                   else _function_shortcut(n.target, args, kwargs))
+            if out is not None:  # FakeTensorProp's snapshot of the value is a fresh fake of the same metadata
+                n.meta["val"] = _fake_copy(out)
                 return out
-        return super().call_module(target, args, kwargs)
+        return super().run_node(n)
+
+    def _module_shortcut(self, target: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+        if len(args) != 1 or kwargs or not isinstance(args[0], FakeTensor):
+            return None
+        if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+            return None
+        module = self.fetch_attr(target)
+        if _preserves_shape(module, args[0]) and _dense(args[0]):
+            return _fake_copy(args[0])
+        return _conv_shortcut(module, args[0])
 
 
 def fake_propagate(gm: torch.fx.GraphModule, mode: FakeTensorMode, fake_inputs: Sequence[Any]) -> Any:
@@ -226,8 +295,7 @@ def fake_like(mode: FakeTensorMode, t: torch.Tensor) -> torch.Tensor:
     >>> type(f).__name__, tuple(f.shape), f.stride(), f.device.type
     ('FakeTensor', (2, 3, 4, 4), (48, 1, 12, 3), 'cpu')
     """
-    meta = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="meta")
-    return FakeTensor(mode, meta, t.device)
+    return _meta_fake(mode, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
 
 
 def _fake_input(mode: Any, x: torch.Tensor, device: torch.device | None) -> torch.Tensor:

@@ -116,7 +116,10 @@ def nonfinite_weights(gm: torch.fx.GraphModule, sites: Iterable[ConvSite]) -> li
         weight = site_weight(gm, site, nodes)
         if weight is None or weight.is_meta or not weight.is_floating_point():
             continue
-        bad = int((~torch.isfinite(weight.detach())).sum())
+        w = weight.detach()
+        # a finite sum means every value is finite (NaN and inf propagate): one reduction, no mask allocated; only
+        # a non-finite sum (or an overflowing one) counts the values
+        bad = 0 if torch.isfinite(w.sum()) else int((~torch.isfinite(w)).sum())
         if bad:
             out.append(f"site {site.name!r}: weight has {bad} non-finite value{'s' if bad > 1 else ''} (NaN or inf) "
                        f"of {weight.numel()}; fix the trained weights (or leave the site out with select=) before "

@@ -78,21 +78,23 @@ def propagate(gm: torch.fx.GraphModule, inputs: Sequence[Any], device: torch.dev
     return _shape_run(gm, result)
 
 
-def _shape_run(gm: torch.fx.GraphModule, result: Any) -> ShapeRun:
+def _shape_run(gm: torch.fx.GraphModule, result: Any, cost: Any = None) -> ShapeRun:
+    """The run's output leaves and its ``ModelCost`` (``cost`` when the caller has it already)."""
     from fxrewrite.measure.cost import model_cost
     leaves, spec = pytree.tree_flatten_with_path(result)
     named = [("output" + pytree.keystr(path), value) for path, value in leaves]
-    try:
-        cost = model_cost(gm)
-    except Exception:  # costs are informational here; a graph the cost model cannot read still verifies
-        cost = None
+    if cost is None:
+        try:
+            cost = model_cost(gm)
+        except Exception:  # costs are informational here; a graph the cost model cannot read still verifies
+            cost = None
     return ShapeRun(gm, named, spec, cost)
 
 
 def propagate_changed(ref_gm: torch.fx.GraphModule, new_gm: torch.fx.GraphModule, rewritten: torch.nn.Module,
                       groups: dict[str, list[torch.fx.Node]], originals: dict[str, torch.fx.Node],
-                      inputs: Sequence[Any], original: torch.nn.Module, *,
-                      real: bool = False) -> tuple[ShapeRun, ShapeRun] | None:
+                      inputs: Sequence[Any], original: torch.nn.Module, *, real: bool = False,
+                      costs: tuple[Any, Any] | None = None) -> tuple[ShapeRun, ShapeRun] | None:
     """The shape check at the cost of what changed, or None where it cannot stand for a whole propagation.
 
     ``rewritten`` (the GraphModule whose graph ``new_gm`` copies, node for node) comes out of the rewrite with
@@ -108,6 +110,8 @@ def propagate_changed(ref_gm: torch.fx.GraphModule, new_gm: torch.fx.GraphModule
 
     ``real=True`` (for a caller that runs both models anyway: numerics) re-propagates the sites by running them on
     zeros of the recorded input metadata, which at an example input's size costs a fraction of FakeTensor dispatch.
+    ``costs``: the ``ModelCost`` of both models as the rewrite counted them from the same metadata (not counted
+    again).
 
     An edit *outside* the rewritten sites (a module swapped by hand at a node no pass touched) is not seen here:
     ``verify(shapes="full")`` propagates both models whole.
@@ -130,7 +134,7 @@ def propagate_changed(ref_gm: torch.fx.GraphModule, new_gm: torch.fx.GraphModule
             return None
     for a, b in zip(mine, theirs, strict=True):
         a.meta["val"] = b.meta["val"]
-    known = _changed_runs(ref_gm, new_gm, groups, originals, real)
+    known = _changed_runs(ref_gm, new_gm, groups, originals, real, costs or (None, None))
     if known is None:  # a stale value must not hide where the whole propagation stops
         for n in mine:
             n.meta.pop("val", None)
@@ -138,7 +142,8 @@ def propagate_changed(ref_gm: torch.fx.GraphModule, new_gm: torch.fx.GraphModule
 
 
 def _changed_runs(ref_gm: torch.fx.GraphModule, new_gm: torch.fx.GraphModule, groups: dict[str, list[torch.fx.Node]],
-                  originals: dict[str, torch.fx.Node], real: bool) -> tuple[ShapeRun, ShapeRun] | None:
+                  originals: dict[str, torch.fx.Node], real: bool,
+                  costs: tuple[Any, Any]) -> tuple[ShapeRun, ShapeRun] | None:
     by_name = {n.name: n for n in new_gm.graph.nodes if n.op != "output"}
     site_last = {originals[s].name: nodes[-1] for s, nodes in groups.items() if s in originals}
     ref_vals: dict[torch.fx.Node, Any] = {}
@@ -164,7 +169,8 @@ def _changed_runs(ref_gm: torch.fx.GraphModule, new_gm: torch.fx.GraphModule, gr
             return None
     for node, val in ref_vals.items():
         node.meta["val"] = val
-    return _shape_run(ref_gm, _output_value(ref_gm)), _shape_run(new_gm, _output_value(new_gm))
+    return (_shape_run(ref_gm, _output_value(ref_gm), costs[0]),
+            _shape_run(new_gm, _output_value(new_gm), costs[1]))
 
 
 def _same_meta(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -114,7 +114,8 @@ def verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, *, rt
            atol: float | None = None, numerics: bool = True, batches: Iterable[Any] | None = None,
            sites: Iterable[str] = (), concrete_args: Mapping[str, Any] | None = None,
            leaf_modules: Iterable[LeafSpec] = (),
-           autowrap_functions: Iterable[Callable[..., Any]] = (), shapes: str = "changed") -> Verification:
+           autowrap_functions: Iterable[Callable[..., Any]] = (), shapes: str = "changed",
+           reference: torch.fx.GraphModule | None = None, costs: tuple[Any, Any] | None = None) -> Verification:
     """Check that ``rewritten`` computes what ``original`` does, site by site; see the module docstring.
 
     ``rtol``/``atol`` default to float level for the dtype (``FLOAT_LEVEL``); ``rtol=math.inf`` keeps the figures
@@ -128,16 +129,22 @@ def verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, *, rt
     re-propagated, from their recorded inputs, and compared with the original conv's recorded output; otherwise,
     or when anything differs, both models are propagated whole. ``shapes="full"`` always propagates both whole:
     for a graph edited by hand outside its rewritten sites.
+
+    What ``rewrite`` already has, it hands over: ``reference``, ``original``'s graph as captured (before the
+    passes) over ``original``'s own modules (``graph.capture.graph_module_over``), instead of a second trace;
+    ``costs``, the ``ModelCost`` of the original and the rewritten graph for these inputs, used where the recorded
+    metadata stands for both models instead of counting them again.
     """
     with _gc_paused():
         return _verify(original, rewritten, example_inputs, rtol, atol, numerics, batches, sites, concrete_args,
-                       leaf_modules, autowrap_functions, shapes)
+                       leaf_modules, autowrap_functions, shapes, reference, costs)
 
 
 def _verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, rtol: float | None, atol: float | None,
             numerics: bool, batches: Iterable[Any] | None, sites: Iterable[str],
             concrete_args: Mapping[str, Any] | None, leaf_modules: Iterable[LeafSpec],
-            autowrap_functions: Iterable[Callable[..., Any]], shapes: str) -> Verification:
+            autowrap_functions: Iterable[Callable[..., Any]], shapes: str, reference: torch.fx.GraphModule | None,
+            costs: tuple[Any, Any] | None) -> Verification:
     inputs = example_inputs_tuple(example_inputs)
     dtype = _main_dtype(inputs, original)
     default_rtol, default_atol = _default_tolerance(dtype)
@@ -149,9 +156,11 @@ def _verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, rtol
         raise ConfigError(f"shapes must be 'changed' or 'full', got {shapes!r}")
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    ref_gm = as_graph_module(original, concrete_args=concrete_args, leaf_modules=leaf_modules,
-                             autowrap_functions=autowrap_functions)
-    new_gm = as_graph_module(rewritten)
+    # only interpreted (shapes, recorded runs), so no Python code is generated for either
+    ref_gm = reference if reference is not None else as_graph_module(
+        original, concrete_args=concrete_args, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+        runnable=False)
+    new_gm = as_graph_module(rewritten, runnable=False)
     groups = site_groups(new_gm, sites)
     originals = original_nodes(ref_gm, groups)
     work = [SiteWork(name, nodes, originals.get(name)) for name, nodes in groups.items()]
@@ -161,7 +170,7 @@ def _verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, rtol
     with eval_mode(original, rewritten):
         blocker = "numerics=False was passed" if not numerics else numerics_blocker(original, rewritten, inputs)
         known = propagate_changed(ref_gm, new_gm, rewritten, groups, originals, inputs, original,
-                                  real=blocker is None) if shapes == "changed" else None
+                                  real=blocker is None, costs=costs) if shapes == "changed" else None
         try:
             ref = known[0] if known else propagate(ref_gm, inputs, device_of(original))
         except Exception as exc:
