@@ -11,6 +11,7 @@ whole; partial mode calls it once per traceable submodule and ExportedProgram mo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -40,6 +41,7 @@ from fxrewrite.report.site_table import sites_table
 from fxrewrite.util.inputs import check_calibration, check_reiterable, example_inputs_tuple
 from fxrewrite.verification.numerics import numerics_blocker
 from fxrewrite.verification.result import Verification
+from fxrewrite.verification.verify import gc_paused
 from fxrewrite.verification.verify import verify as verify_rewrite
 
 PassesArg = str | Iterable[Any] | None
@@ -234,7 +236,21 @@ def rewrite_graph(model: nn.Module, example_inputs: Any, passes: PassesArg = Non
                   calibration_options: Mapping[str, Any] | None = None, target: Any = None, forms: Any = None,
                   drop_hooks: bool = False) -> RewriteResult:
     """``fxrewrite.rewrite`` for a model that traces as a whole: capture, shapes, passes (or a budget), repair,
-    verification and the report, in that order (see ``fxrewrite.rewrite`` for the options)."""
+    verification and the report, in that order (see ``fxrewrite.rewrite`` for the options). Without a budget or
+    calibration data (no long data loops), the cyclic garbage collector is paused meanwhile
+    (``verification.verify.gc_paused``: its full collections grow with the graph)."""
+    with gc_paused() if target is None and calibration is None else contextlib.nullcontext():
+        return _rewrite_graph(model, example_inputs, passes, select, concrete_args, leaf_modules,
+                              autowrap_functions, verify, rtol, atol, batches, latency, calibration,
+                              calibration_options, target, forms, drop_hooks)
+
+
+def _rewrite_graph(model: nn.Module, example_inputs: Any, passes: PassesArg, select: Any,
+                   concrete_args: Mapping[str, Any] | None, leaf_modules: Iterable[LeafSpec],
+                   autowrap_functions: Iterable[Callable[..., Any]], verify: bool | str, rtol: float | None,
+                   atol: float | None, batches: Iterable[Any] | None, latency: bool | Mapping[str, Any],
+                   calibration: Iterable[Any] | None, calibration_options: Mapping[str, Any] | None, target: Any,
+                   forms: Any, drop_hooks: bool) -> RewriteResult:
     from fxrewrite.passes import PassManager
     if verify not in (True, False, "shapes"):
         raise ConfigError(f"verify must be True, False or 'shapes', got {verify!r}")

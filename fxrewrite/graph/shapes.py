@@ -228,8 +228,7 @@ def _refake(mode: FakeTensorMode, value: Any) -> Any:
     """A FakeTensor of ``mode`` with the metadata of ``value`` (a fake, meta or real tensor; other values as they
     are), without touching its data."""
     def one(t: torch.Tensor) -> torch.Tensor:
-        with mode:
-            return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=t.device)
+        return _meta_fake(mode, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
     return pytree.tree_map_only(torch.Tensor, one, value)
 
 

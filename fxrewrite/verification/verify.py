@@ -70,7 +70,7 @@ from fxrewrite.verification.shape_check import (
 )
 from fxrewrite.verification.site_work import SiteWork, passes_of, site_of
 
-__all__ = ["cli_exit_code", "verify"]
+__all__ = ["cli_exit_code", "gc_paused", "verify"]
 
 
 def _default_tolerance(dtype: torch.dtype) -> tuple[float, float]:
@@ -97,10 +97,11 @@ def _main_dtype(inputs: Sequence[Any], module: nn.Module) -> torch.dtype:
 
 
 @contextmanager
-def _gc_paused() -> Iterator[None]:
-    """The cyclic garbage collector off while verifying: its full collections walk every live object (a graph of
-    thousands of nodes, modules, recorded values), so their cost grows with the graph and the verification's time
-    with its square. Values are freed by reference counting as before; cycles wait for the next collection."""
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while verifying (or rewriting): its full collections walk every live object
+    (a graph of thousands of nodes, modules, recorded values), so their cost grows with the graph and the total
+    time with its square. Values are freed by reference counting as before; cycles wait for the next collection.
+    Nested uses leave it as the outermost found it."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -135,7 +136,7 @@ def verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, *, rt
     ``costs``, the ``ModelCost`` of the original and the rewritten graph for these inputs, used where the recorded
     metadata stands for both models instead of counting them again.
     """
-    with _gc_paused():
+    with gc_paused():
         return _verify(original, rewritten, example_inputs, rtol, atol, numerics, batches, sites, concrete_args,
                        leaf_modules, autowrap_functions, shapes, reference, costs)
 
