@@ -40,7 +40,7 @@ import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -56,10 +56,10 @@ from fxrewrite.errors import ConfigError
 from fxrewrite.graph.sites import ConvSite
 from fxrewrite.passes import pass_class
 from fxrewrite.passes.candidates import KEEP, Candidate, make_candidate
-from fxrewrite.util.inputs import calibration_inputs, to_device
+from fxrewrite.util.inputs import batch_size_of, calibration_inputs, to_device
 from fxrewrite.util.runtime import device_of, eval_mode
 
-__all__ = ["SiteGain", "fit_end_to_end", "output_errors", "predicted_error", "site_gains", "uniform_plans"]
+__all__ = ["Sampled", "SiteGain", "fit_end_to_end", "output_errors", "predicted_error", "site_gains", "uniform_plans"]
 
 InputFn = Callable[[Any], Sequence[Any]]
 
@@ -80,17 +80,54 @@ def _inputs(batches: Iterable[Any], input_fn: InputFn | None, device: torch.devi
         yield to_device(calibration_inputs(item, input_fn), device)
 
 
+class Sampled:
+    """The first calibration items of ``batches`` holding at least ``max_samples`` samples (whole items; dim 0 of
+    the first tensor input counts), re-iterable; ``max_samples=None``: all of them."""
+
+    def __init__(self, batches: Iterable[Any], max_samples: int | None, input_fn: InputFn | None = None) -> None:
+        self.batches, self.max_samples, self.input_fn = batches, max_samples, input_fn
+
+    def __iter__(self) -> Iterator[Any]:
+        seen = 0
+        for item in self.batches:
+            if self.max_samples is not None and seen >= self.max_samples:
+                return
+            seen += batch_size_of(calibration_inputs(item, self.input_fn))
+            yield item
+
+
+REFERENCE_CACHE_BYTES = 64 << 20  # the original's outputs are kept between measurements up to this size
+
+
+def _fingerprint(xs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Shapes and sums of the tensor inputs: tells a cached batch from another one."""
+    return tuple((tuple(x.shape), float(x.double().sum()), float(x.double().abs().sum()))
+                 for x in xs if isinstance(x, Tensor))
+
+
 def output_errors(original: nn.Module, models: Sequence[nn.Module], batches: Iterable[Any], *,
-                  input_fn: InputFn | None = None) -> list[float]:
+                  input_fn: InputFn | None = None, cache: dict[str, Any] | None = None) -> list[float]:
     """Each model's relative output error against ``original`` over ``batches``: ``sqrt(sum ||f'(x) - f(x)||^2 /
     sum ||f(x)||^2)``, sums over every batch and floating output, in float64; eval mode, no gradients, one pass
-    over the data (``original`` once per batch)."""
+    over the data (``original`` once per batch). ``cache`` (a dict, empty at first): the original's outputs are
+    kept there when they take at most ``REFERENCE_CACHE_BYTES`` (a classifier's logits), so later calls with the
+    same dict and batches do not run it again."""
     diff = [0.0] * len(models)
     ref = 0.0
     device = device_of(original)
+    cached = cache.get("outputs") if cache is not None else None
+    keep: list[tuple[tuple[Any, ...], list[Tensor]]] | None = [] if cache is not None and cached is None else None
     with eval_mode(original, *models), torch.no_grad():
-        for xs in _inputs(batches, input_fn, device):
-            want = [t.detach().to(torch.float64) for t in _leaves(original(*xs))]
+        for b, xs in enumerate(_inputs(batches, input_fn, device)):
+            key = _fingerprint(xs)
+            if cached is not None and b < len(cached) and cached[b][0] == key:
+                want = cached[b][1]
+            else:  # not cached, or the data came in another order (a shuffling DataLoader)
+                want = [t.detach().to(torch.float64) for t in _leaves(original(*xs))]
+                if keep is not None:
+                    keep.append((key, want))
+                    if sum(t.numel() * 8 for _, ts in keep for t in ts) > REFERENCE_CACHE_BYTES:
+                        keep = None
             ref += sum(float(t.abs().square().sum()) for t in want)
             for i, m in enumerate(models):
                 got = _leaves(m(*xs))
@@ -99,6 +136,8 @@ def output_errors(original: nn.Module, models: Sequence[nn.Module], batches: Ite
                                       "the original's; the plan changed what the model returns")
                 diff[i] += sum(float((g.detach().to(torch.float64) - w).abs().square().sum())
                                for g, w in zip(got, want, strict=True))
+    if cache is not None and keep is not None:
+        cache["outputs"] = keep
     if ref <= 0.0:
         return [0.0 if d <= 0.0 else math.inf for d in diff]
     return [math.sqrt(d / ref) for d in diff]
@@ -328,19 +367,23 @@ def _signature(plan: BudgetPlan) -> tuple[str, ...]:
 def fit_end_to_end(prepared: PreparedBudget, gm: torch.fx.GraphModule, batches: Iterable[Any], *,
                    input_fn: InputFn | None = None, method: str = "auto", objective: str = "log-cosine",
                    buckets: int | None = None, max_rounds: int = 3, min_rounds: int = 2, margin: float = 0.1,
-                   probes: int = 2, uniform: bool = True) -> BudgetPlan:
+                   probes: int = 1, uniform: bool = True, max_samples: int | None = 512) -> BudgetPlan:
     """The plan for ``prepared`` (calibrated; no latency bound) whose measured whole-model error on ``batches``
     is the least found (see the module docstring): the local-error plan, then while its measured error exceeds the
     prediction by more than ``margin`` (relative) or a uniform plan measures better, re-plans weighted by the
     measured gains, at least ``min_rounds`` (the prediction can be pessimistic where the gains are not 1, so one
     gain-weighted plan is measured by default) and at most ``max_rounds`` plans in all; the uniform plans
     (``uniform=True``) are candidates too; the least measured error wins.
-    ``gm`` is the traced original with shapes (not changed). The result's ``end_to_end`` records every figure."""
+    ``gm`` is the traced original with shapes (not changed). Everything is measured on the first calibration
+    items holding ``max_samples`` samples (``Sampled``; None: all). The result's ``end_to_end`` records every
+    figure."""
     if prepared.target.latency is not None:
         raise ConfigError("fit_end_to_end plans MAC / params targets; a latency bound is fit_latency's")
     if not 1 <= min_rounds <= max_rounds:
         raise ConfigError(f"fit_end_to_end needs 1 <= min_rounds <= max_rounds, got {min_rounds}, {max_rounds}")
     start = time.perf_counter()
+    batches = Sampled(batches, max_samples, input_fn)
+    cache: dict[str, Any] = {}
     built: dict[tuple[str, ...], torch.fx.GraphModule] = {}
 
     def build(plan: BudgetPlan) -> torch.fx.GraphModule:
@@ -354,7 +397,7 @@ def fit_end_to_end(prepared: PreparedBudget, gm: torch.fx.GraphModule, batches: 
     records: list[dict[str, Any]] = []
     unif = uniform_plans(prepared) if uniform else []
     first = [build(plan)] + [build(p) for _, p in unif]
-    measured = output_errors(gm, first, batches, input_fn=input_fn)
+    measured = output_errors(gm, first, batches, input_fn=input_fn, cache=cache)
     uniform_rows = [{"plan": spec, "macs_fraction": p.macs_fraction, "params_fraction": p.params_fraction,
                      "changed_sites": len(p.changed), "predicted": predicted_error(
                          [c.predicted_rel_error for c in p.changed]), "measured": m}
@@ -390,6 +433,7 @@ def fit_end_to_end(prepared: PreparedBudget, gm: torch.fx.GraphModule, batches: 
                     replacements[c.site] = (module, name)
         fresh = site_gains(gm, replacements, batches, input_fn=input_fn, probes=probes) if replacements else {}
         t_gains += time.perf_counter() - t0
+        records[-1]["gains_measured"] = {k: v.gain for k, v in fresh.items()}
         for k, v in fresh.items():
             if math.isfinite(v.gain) and v.gain > 0:
                 gain_rows[k] = v
@@ -411,7 +455,7 @@ def fit_end_to_end(prepared: PreparedBudget, gm: torch.fx.GraphModule, batches: 
                             "repeat": True})
             break
         seen.add(_signature(plan))
-        error = output_errors(gm, [build(plan)], batches, input_fn=input_fn)[0]
+        error = output_errors(gm, [build(plan)], batches, input_fn=input_fn, cache=cache)[0]
     best_error, chosen, best = min(candidates, key=lambda t: (t[0], t[1].startswith("uniform")))
     preds = {f"budget round {r['round']}": r["predicted"] for r in records}
     preds |= {f"uniform {r['plan']}": r["predicted"] for r in uniform_rows}
@@ -420,6 +464,7 @@ def fit_end_to_end(prepared: PreparedBudget, gm: torch.fx.GraphModule, batches: 
     info = {"predicted": pred_best, "measured": best_error, "chosen": chosen, "rounds": records,
             "uniform": uniform_rows, "gains": {k: v.to_dict() for k, v in gain_rows.items()},
             "seconds": seconds, "seconds_gains": t_gains, "margin": margin, "probes": probes,
+            "max_samples": max_samples, "samples": sum(batch_size_of(calibration_inputs(b, input_fn)) for b in batches),
             "measured_on": "the calibration batches: ||f'(x) - f(x)|| / ||f(x)|| over every output, eval mode"}
     seconds_all = dict(best.seconds) | {"end_to_end": seconds}
     return dataclasses.replace(best, end_to_end=MappingProxyType(info), seconds=MappingProxyType(seconds_all))
