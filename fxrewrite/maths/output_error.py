@@ -61,6 +61,25 @@ class SiteStats:
     memory_cap: int = 1 << 30  # bytes the formulas' temporaries may take (column chunks of the factor)
     _cache: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
 
+    @classmethod
+    def from_gram(cls, gram: Tensor, weight: Tensor, bias: Tensor | None, sums: Tensor, columns: int,
+                  memory_cap: int = 1 << 30) -> SiteStats:
+        """Dense statistics from the Gram (``G x d x d``), the column sums (``G x d``) and the bias (``G x m`` or
+        None): the output energy ``sum ||W x + b||^2 = trace(W G W^T) + 2 b . W sums + n ||b||^2``, with ``W G``
+        computed once and kept for ``grouped_output_error``.
+
+        >>> x = torch.ones(1, 2, 3, dtype=torch.float64); w = torch.ones(1, 1, 2, dtype=torch.float64)
+        >>> SiteStats.from_gram(x @ x.mT, w, torch.ones(1, 1, dtype=torch.float64), x.sum(-1), 3).energy  # (2+1)^2*3
+        27.0
+        """
+        wg = weight @ gram
+        energy = float((wg * weight).sum())
+        if bias is not None:
+            energy += float(2 * (bias * (weight @ sums[..., None])[..., 0]).sum() + columns * bias.square().sum())
+        stats = cls(gram, weight, energy, columns, memory_cap=memory_cap)
+        stats._cache["wg"] = wg
+        return stats
+
     @property
     def weight_times_gram(self) -> Tensor:
         """``W G`` per source group (``m x d``, float64)."""
@@ -220,55 +239,75 @@ def tucker2_output_errors(stats: SiteStats, u: Tensor, v: Tensor, ranks: Sequenc
 
 # ---------------------------------------------------------------- factor forms (G = F F^T, no d x d matrix formed)
 
-def _slice_factors(a: Tensor) -> tuple[Tensor, Tensor]:
+def _slice_factors(a: Tensor, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
     """``(left, right)`` with ``a[x] = left[x] @ right[x]^T`` column by column in descending singular value
     (``q`` slices ``m x c`` -> ``q x m x k``, ``q x c x k``, ``k = min(m, c)``), by the eigendecompositions
-    ``separable_output_errors`` uses."""
+    ``separable_output_errors`` uses (float64); the factor derived from the eigenvectors is computed in ``dtype``."""
     m, c = a.shape[-2:]
     a = a.contiguous()
     if c <= m:
         with factorize.one_thread():  # batched eigh: threads only synchronise
             right = torch.linalg.eigh(a.mT @ a).eigenvectors.flip(-1)  # (q, c, c)
-        return a @ right, right
+        return a.to(dtype) @ right.to(dtype), right
     with factorize.one_thread():
         left = torch.linalg.eigh(a @ a.mT).eigenvectors.flip(-1)  # (q, m, m)
-    return left, a.mT @ left
+    return left, a.to(dtype).mT @ left.to(dtype)
 
 
 def _separable_factor(stats: SiteStats, groups: int) -> np.ndarray:
     """``separable_output_errors`` from the factor: the discarded change of rank ``r`` maps ``F`` to
-    ``sum_{j >= r} M_j`` with ``M_j = sum_x left_xj (right_xj^T F_x)`` (``m x l``), so ``Z[j, l] = <M_j, M_l>``,
-    summed over chunks of columns."""
+    ``D_r = sum_{j >= r} M_j`` with ``M_j = sum_x left_xj (right_xj^T F_x)`` (``m x l``), so ``tail[r] = ||D_r||^2``,
+    accumulated from ``j = k - 1`` down in one ``m x l`` buffer per chunk of columns: ``O(m d l)`` per group count
+    (no ``k x k`` matrix of inner products, no ``k x m x l`` tensor). With one slice per source group the ``M_j`` are
+    orthogonal and ``tail`` is a suffix sum of their squared norms."""
     assert stats.factor is not None
     big_g, m, d = stats.weight.shape
     q = groups // big_g
     c = d // q
     k = min(m, c)
-    z = torch.zeros(k, k, dtype=torch.float64)
+    tail = torch.zeros(k + 1, dtype=torch.float64)
     dtype = torch.float32 if d >= _FP32_FROM else torch.float64  # as SiteStats.compute
     for b in range(big_g):
-        left, right = _slice_factors(stats.weight[b].reshape(m, q, c).transpose(0, 1))
-        left_t = left.permute(2, 1, 0).contiguous().to(dtype)  # (k, m, q)
+        left, right = _slice_factors(stats.weight[b].reshape(m, q, c).transpose(0, 1), dtype)
         right_t = right.mT.contiguous().to(dtype)  # (q, k, c)
-        for f in stats.factor_chunks(q * k + 2 * k * m):
-            p = right_t @ f[b].to(dtype).reshape(q, c, -1)  # (q, k, n): right_xj^T F_x
-            mm = (left_t @ p.transpose(0, 1).contiguous()).reshape(k, -1)  # (k, m * n): M_j on these columns
-            z += (mm @ mm.mT).to(torch.float64)
-    tail = z.flip(0, 1).cumsum(0).cumsum(1).flip(0, 1).diagonal()
-    return _relative(torch.cat([tail, tail.new_zeros(1)]).numpy(), stats.energy)
+        if q == 1:  # orthogonal columns of left: ||sum_{j >= r} M_j||^2 = sum_{j >= r} ||left_j||^2 ||p_j||^2
+            scale = left[0].square().sum(dim=0, dtype=torch.float64)  # (k,)
+            for f in stats.factor_chunks(2 * k + c):
+                p = right_t[0] @ f[b].to(dtype)  # (k, n)
+                norms = p.square().sum(dim=-1, dtype=torch.float64)
+                tail[:k] += (scale * norms).flip(0).cumsum(0).flip(0)
+            continue
+        left_t = left.permute(2, 1, 0).contiguous().to(dtype)  # (k, m, q)
+        for f in stats.factor_chunks(q * k + 2 * m):
+            p = (right_t @ f[b].to(dtype).reshape(q, c, -1)).transpose(0, 1).contiguous()  # (k, q, n)
+            acc = torch.zeros(m, p.shape[-1], dtype=dtype)
+            flat, squares = acc.view(-1), torch.empty(acc.numel(), dtype=dtype)
+            norms = torch.zeros(k, dtype=dtype)
+            for r in range(k - 1, -1, -1):  # D_r = D_{r+1} + M_r, one small GEMM each: the buffer stays in cache
+                acc.addmm_(left_t[r], p[r])
+                torch.sum(torch.mul(flat, flat, out=squares), 0, out=norms[r])  # cascade sum: ~1e-7 relative
+            tail[:k] += norms.to(torch.float64)
+    return _relative(tail.numpy(), stats.energy)
 
 
 def _grouped_factor(stats: SiteStats, groups: int) -> float:
-    """``grouped_output_error`` from the factor: ``||W F - blockdiag(W) F||^2``."""
+    """``grouped_output_error`` from the factor: ``||W F - blockdiag(W) F||^2``, with ``W F`` computed once per
+    site while it takes at most an eighth of the memory cap (then it is kept for the next group count)."""
     assert stats.factor is not None
     big_g, m, d = stats.weight.shape
     q = groups // big_g
     mo, dc = m // q, d // q
     blocks = torch.diagonal(stats.weight.reshape(big_g, q, mo, q, dc), dim1=1, dim2=3).permute(0, 3, 1, 2)
     q_err = 0.0
-    for f in stats.factor_chunks(3 * m * big_g):
+    cache = stats.weight.numel() // d * stats.factor.shape[-1] * 8 <= stats.memory_cap // 8  # W F is small
+    for i, f in enumerate(stats.factor_chunks(3 * m * big_g)):
+        full = stats._cache.get(f"wf{i}")
+        if full is None:
+            full = stats.weight @ f
+            if cache:
+                stats._cache[f"wf{i}"] = full
         kept = (blocks @ f.reshape(big_g, q, dc, -1)).reshape(big_g, m, -1)
-        q_err += float((stats.weight @ f - kept).square().sum())
+        q_err += float((full - kept).square().sum())
     return _relative(q_err, stats.energy)
 
 

@@ -90,11 +90,14 @@ def pareto_mask(a: np.ndarray) -> np.ndarray:
     first = np.sort(first)
     b = a[first]
     dominated = np.zeros(len(b), dtype=bool)
-    for lo in range(0, len(b), 512):  # chunks of the pairwise comparison bound the memory
-        c = b[lo:lo + 512]
-        le = (b[:, None, :] <= c[None, :, :]).all(axis=2)  # le[i, j]: b[i] <= c[j] everywhere
-        lt = (b[:, None, :] < c[None, :, :]).any(axis=2)
-        dominated[lo:lo + 512] = (le & lt).any(axis=0)
+    step = 1024
+    for lo in range(0, len(b), step):  # chunks of the pairwise comparison bound the memory
+        c = b[lo:lo + step]
+        le = np.ones((len(b), len(c)), dtype=bool)  # le[i, j]: b[i] <= c[j] everywhere, one column at a time
+        for col in range(b.shape[1]):
+            le &= b[:, col, None] <= c[None, :, col]
+        le[lo + np.arange(len(c)), np.arange(len(c))] = False  # rows are distinct: any other row <= dominates
+        dominated[lo:lo + step] = le.any(axis=0)
     keep[first[~dominated]] = True
     return keep
 
