@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import math
+import os
 import sys
 from typing import Any
 
@@ -142,18 +144,19 @@ def path_row(name: str, model: nn.Module, x: torch.Tensor, runs: int) -> list[An
 
 def path_table(quick: bool, chains: tuple[int, ...] = (1000, 3000, 5000)) -> str:
     rows = []
+    load_before = os.getloadavg()[0]
     for name, model, x in path_cases(quick, chains):
-        runs = 1 if name in ("chain-3000", "chain-5000") else 3
-        rows.append(path_row(name, model, x, runs))
+        rows.append(path_row(name, model, x, 3))
         print(f"{name}: {rows[-1]}", file=sys.stderr)
     notes = [f"rewrite() = fxrewrite.rewrite(model, (x,), passes={PATH_PASSES!r}) with default options (capture, "
              "shape propagation, the pass, verification with numerics on the example input, the report); "
              "verify=False leaves the verification out; x / (trace + forward) = its time over symbolic_trace plus "
              "one eager forward (no_grad) of the same model, measured in the same run (goal <= 5x). Medians of 3 "
-             f"(1 for 3000+ convs); torch intra-op threads = {torch.get_num_threads()}."]
-    chains = {int(r[0].split("-")[1]): r[4] for r in rows if r[0].startswith("chain-")}
-    if len(chains) >= 2:
-        (n0, t0), (n1, t1) = min(chains.items()), max(chains.items())
+             f"runs; torch intra-op threads = {torch.get_num_threads()}; 1-minute load average "
+             f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes share the CPUs)."]
+    chains = sorted((int(r[0].split("-")[1]), r[4]) for r in rows if r[0].startswith("chain-"))
+    pairs = [*itertools.pairwise(chains), *([(chains[0], chains[-1])] if len(chains) > 2 else [])]
+    for (n0, t0), (n1, t1) in pairs:
         notes.append(f"log-log slope of rewrite() time, {n0} -> {n1} convs: "
                      f"{math.log(t1 / t0) / math.log(n1 / n0):.3f} (goal <= 1.1; 1.0 is linear)")
     headers = ["model", "convs rewritten", "symbolic_trace ms", "forward ms", "rewrite() ms", "rewrite() / (trace + "

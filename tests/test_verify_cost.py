@@ -94,3 +94,40 @@ def test_real_and_fake_site_propagation_give_the_same_metadata(seeded: None) -> 
         n.meta.pop("val")
     propagate_nodes(gm, nodes, real=True)
     assert metadata() == fake and fake[-1][0] == (2, 6, 3, 3)
+
+
+class WithConstant(nn.Module):
+    """A tensor made in forward becomes a tracer-made constant attribute of the traced copy only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * torch.tensor([2.0])
+
+
+@pytest.mark.parametrize("model", [Chain(3), WithConstant()], ids=["chain", "constant"])
+def test_rewrite_hands_verify_its_graph_and_costs(model: nn.Module, seeded: None,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from fxrewrite.measure import cost
+    model = model.eval()
+    x = torch.randn(1, 4, 8, 8)
+    traced: list[str] = []
+    counted: list[int] = []
+    real_as_gm, real_cost = verify.as_graph_module, cost.model_cost
+    monkeypatch.setattr(verify, "as_graph_module", lambda m, **kw: traced.append(
+        "rewritten" if isinstance(m, torch.fx.GraphModule) else "original") or real_as_gm(m, **kw))
+    monkeypatch.setattr(cost, "model_cost", lambda gm: counted.append(1) or real_cost(gm))
+    result = fxrewrite.rewrite(model, (x,), passes="depthwise-separable{rank=exact}")
+    # the rewritten module is copied; the original is traced again only where the captured graph names a constant
+    # the original lacks; the costs are the pipeline's (verify counts none)
+    assert traced == (["rewritten"] if isinstance(model, Chain) else ["original", "rewritten"])
+    assert counted == [] and result.verification.ok
+    alone = fxrewrite.verify(model, result.module, (x,))
+    assert counted == [1, 1] and alone.ok
+    mine = result.verification
+    assert [(s.site, s.output_before, s.output_after, s.cost_before, s.cost_after, s.local, s.accumulated)
+            for s in mine.sites] == [(s.site, s.output_before, s.output_after, s.cost_before, s.cost_after, s.local,
+                                      s.accumulated) for s in alone.sites]
+    assert (mine.outputs, mine.cost_before, mine.cost_after) == (alone.outputs, alone.cost_before, alone.cost_after)
