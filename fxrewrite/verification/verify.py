@@ -5,9 +5,10 @@ model output, and gates that name the failing site.
    allocation: a model on the meta device or one too big to run checks in seconds). Every model output must agree
    in shape, dtype, device and memory format, and every rewritten site must have the same input and output shapes
    (and dtype, device) as the original convolution. A model that ``rewrite`` returns carries the metadata it was
-   rewritten with: for the same inputs only its rewritten sites are re-propagated (run on zeros of their recorded
-   inputs when numerics run anyway) and compared with the original conv's recorded output, since an unchanged node
-   cannot change shape; anything else (or ``shapes="full"``) propagates both models whole.
+   rewritten with: for the same inputs only its rewritten sites are re-propagated (FakeTensors from their recorded
+   inputs; a plain conv's output comes from the shape formula, cheaper than running it on zeros at any input size)
+   and compared with the original conv's recorded output, since an unchanged node cannot change shape; anything
+   else (or ``shapes="full"``) propagates both models whole.
 2. **Numerics** (real tensors only; skipped with a reason for meta models or fake inputs). Both models run in eval
    mode, with TF32 off, on the example inputs (or ``batches``). Per rewritten site, *local* figures compare the new
    subgraph with the original convolution on the same input (the original model's input at that site);
@@ -171,7 +172,7 @@ def _verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, rtol
     with eval_mode(original, rewritten):
         blocker = "numerics=False was passed" if not numerics else numerics_blocker(original, rewritten, inputs)
         known = propagate_changed(ref_gm, new_gm, rewritten, groups, originals, inputs, original,
-                                  real=blocker is None, costs=costs) if shapes == "changed" else None
+                                  costs=costs) if shapes == "changed" else None
         try:
             ref = known[0] if known else propagate(ref_gm, inputs, device_of(original))
         except Exception as exc:
