@@ -87,7 +87,7 @@ def test_a_measurement_within_its_noise_of_the_bound_is_repeated_and_the_slower_
     # 0.69 +- 0.01 meets 0.7 by less than 2 standard errors: measured again at 0.72, so the plan is not accepted;
     # the next (tighter) plan measures 0.60, 10 standard errors clear of the bound: accepted on one measurement
     fake = WholeModel(overhead=0.0, noise=[0.69, 0.72, 0.60], se=0.01)
-    plan = fit_latency(prepared, model, gm, x, timer=fake)
+    plan = fit_latency(prepared, model, gm, x, timer=fake, refine=0)  # no bisection back towards the bound
     rounds = plan.model_latency["rounds"]
     assert fake.ratios == [0.69, 0.72, 0.60]
     assert [r["measurements"] for r in rounds] == [[0.69, 0.72], [0.60]]
@@ -110,3 +110,24 @@ def test_ratio_standard_error_from_interleaved_rounds() -> None:
     assert ratio_standard_error([1.0, 1.0, 1.0, 1.0], [0.5, 0.6, 0.7, 0.6]) == pytest.approx(1.2533 * 1.4826 * 0.025)
     assert ratio_standard_error([2.0] * 9, [1.0] * 9) == 0.0  # identical rounds: no spread
     assert ratio_standard_error([1.0, 1.0], [0.5, 0.9]) == 0.0  # under 3 rounds: no estimate
+
+
+def test_an_overshooting_plan_is_refined_towards_the_bound_by_bisection() -> None:
+    """The per-layer 0.7 plan measures 0.95 (scripted), the tightened one 0.50: far under 0.7, so plans between the
+    two per-layer budgets are measured (the fake's own figures: overhead + MACs) and the least-objective plan that
+    meets the bound is returned; every measured plan is in the rounds, the refining ones marked."""
+    prepared, model, gm, x = _prepared(0.7)
+    fake = WholeModel(overhead=0.3 * _conv_mmacs(model, *x), noise=[0.95, 0.50])
+    plan = fit_latency(prepared, model, gm, x, timer=fake, refine=2)
+    rounds = plan.model_latency["rounds"]
+    assert [r["ratio"] for r in rounds[:2]] == [0.95, 0.50] and not any("refine" in r for r in rounds[:2])
+    refined = rounds[2:]
+    assert 1 <= len(refined) <= 2 and all(r["refine"] for r in refined)
+    assert all(rounds[1]["sites_fraction_budget"] < r["sites_fraction_budget"] < 0.7 for r in refined)
+    ok = [r for r in rounds if r["ratio"] <= 0.7]
+    best = min(ok, key=lambda r: r["objective"])
+    assert plan.objective == best["objective"] and plan.model_latency["timing"].ratio == best["ratio"] <= 0.7
+    assert plan.objective < rounds[1]["objective"]  # refining found a plan that cuts less than the overshoot
+    fake = WholeModel(overhead=0.3 * _conv_mmacs(model, *x), noise=[0.95, 0.50])
+    plan = fit_latency(prepared, model, gm, x, timer=fake, refine=0)
+    assert fake.ratios == [0.95, 0.50] and plan.model_latency["timing"].ratio == 0.50

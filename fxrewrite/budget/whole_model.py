@@ -15,13 +15,18 @@ the candidates and a first plan whose summed site latencies meet ``f``; the plan
 ``structure_only``: no factorisation) is then timed as a whole against the original. A measurement that meets
 ``f`` by less than two standard errors of its ratio (from the interleaved rounds' own ratios, ``ratio_se``) is
 repeated and the slower of the two decides: on the trained pitch model at batch 64 one measurement's ratio varies by
-about 0.01 between runs, so a plan measured once at 0.69x was 0.70x when measured again. While the measured ratio is
+about 0.01 between runs on a quiet machine (0.03-0.05 with other work on its two cores), so a plan measured once at
+0.69x was 0.70x when measured again. While the measured ratio is
 above ``f`` the per-layer budget is lowered by the measured excess (in milliseconds, and at least by the ratio
 ``f / measured`` and by 0.02) and the plan chosen again from the same measurements (nothing is timed twice per
 layer); after ``max_rounds`` plans, or when no plan meets the lowered per-layer budget, ``BudgetInfeasible`` gives
-every round's figures. ``f >= 1`` without other bounds falls back to keeping every conv (the original is never
-slower than itself). So a plan returned in latency mode was measured at most ``f`` times the original's time, and
-never slower than it. The plan's ``model_latency`` says what was timed, each round and how long it all took.
+every round's figures. Tightening by the measured excess can overshoot (on the pitch model a per-layer budget
+lowered after a plan at 0.80x gave a plan at 0.52x for a 0.7x bound), so when the accepted plan is more than 5%
+under the bound, up to ``refine`` (2) more plans are measured by bisecting the per-layer budget between it and the
+last plan that was too slow, and the least-error plan that meets the bound is kept. ``f >= 1`` without other bounds
+falls back to keeping every conv (the original is never slower than itself). So a plan returned in latency mode was
+measured at most ``f`` times the original's time, and never slower than it. The plan's ``model_latency`` says what
+was timed, each round and how long it all took.
 
 >>> import torch
 >>> a, b = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(3, 8, 1)
@@ -60,6 +65,7 @@ __all__ = ["SLOWER_TOLERANCE", "ModelTiming", "check_model_latency", "fit_latenc
            "ratio_standard_error", "time_models"]
 
 SLOWER_TOLERANCE = 0.02
+REFINE_SLACK = 0.05  # an accepted plan faster than (1 - this) x the bound is refined towards the bound
 MODEL_BACKENDS = ("eager", "channels_last", "onnxruntime", "cuda", "inductor")
 
 
@@ -77,6 +83,7 @@ class ModelTiming:
     input_shapes: tuple[tuple[int, ...], ...]
     device: str
     ratio_se: float = 0.0  # standard error of ``ratio`` from the rounds' own ratios (0: exact, e.g. a fake timer)
+    ratios: tuple[float, ...] | None = None  # every measurement's ratio when this one was confirmed by another
 
     @property
     def ratio(self) -> float:
@@ -257,12 +264,14 @@ def _keep_all(prepared: PreparedBudget, target: Target) -> BudgetPlan:
 def fit_latency(prepared: PreparedBudget, original: nn.Module, gm: torch.fx.GraphModule, inputs: Sequence[Any], *,
                 timer: ModelTimer | None = None, max_rounds: int = 6, method: str = "auto",
                 objective: str = "log-cosine", timer_options: Mapping[str, Any] | None = None,
-                confirm: float = 2.0) -> BudgetPlan:
+                confirm: float = 2.0, refine: int = 2) -> BudgetPlan:
     """The plan whose whole model, measured against ``original`` on ``inputs``, is within ``prepared.target``'s
     latency bound (see the module docstring). ``gm`` is the traced original with shapes (copied, not changed);
     ``timer`` replaces ``time_models`` (same signature; tests inject a deterministic one). A measurement that meets
     the bound by less than ``confirm`` standard errors of its ratio (``ModelTiming.ratio_se``) is taken again and
-    the slower of the two decides (0 turns this off)."""
+    the slower of the two decides (0 turns this off). When the accepted plan is faster than the bound by more than
+    ``REFINE_SLACK`` and a looser per-layer budget measured too slow, up to ``refine`` more plans between the two are
+    measured (bisection) and the least-objective plan that meets the bound is returned."""
     target = prepared.target
     if target.latency is None:
         raise ConfigError("fit_latency needs a latency target")
@@ -274,7 +283,18 @@ def fit_latency(prepared: PreparedBudget, original: nn.Module, gm: torch.fx.Grap
     floor = _fastest_fraction(prepared)
     last: BudgetInfeasible | None = None
     accepted: tuple[BudgetPlan, ModelTiming | None] | None = None
-    seen: set[tuple[Any, ...]] = set()
+    seen: dict[tuple[Any, ...], float] = {}  # the choices of every plan measured -> its measured ratio
+    too_slow: list[float] = []  # per-layer budgets whose plans measured above the bound
+
+    def measure(plan: BudgetPlan) -> ModelTiming:
+        structure = plan.apply(copy.deepcopy(gm), structure_only=True).graph_module
+        timing = timer(original, structure, inputs, target.backend, **dict(timer_options or {}))
+        if timing.ratio <= bound < timing.ratio + confirm * timing.ratio_se:  # within its noise of the bound
+            again = timer(original, structure, inputs, target.backend, **dict(timer_options or {}))
+            slower = max(timing, again, key=lambda t: t.ratio)  # the slower measurement stands
+            return dataclasses.replace(slower, ratios=(timing.ratio, again.ratio))
+        return timing
+
     while len(rounds) < max_rounds:
         try:
             plan = prepared.plan(dataclasses.replace(target, latency=fraction), method=method, objective=objective)
@@ -288,21 +308,13 @@ def fit_latency(prepared: PreparedBudget, original: nn.Module, gm: torch.fx.Grap
         predicted = plan.latency_fraction if plan.latency_fraction is not None else fraction
         signature = tuple(c.candidate.spec() for c in plan.choices)
         if signature not in seen:  # a plan measured before (same choices) is not timed again
-            seen.add(signature)
-            structure = plan.apply(copy.deepcopy(gm), structure_only=True).graph_module
-            timing = timer(original, structure, inputs, target.backend, **dict(timer_options or {}))
-            ratios = [timing.ratio]
-            if timing.ratio <= bound < timing.ratio + confirm * timing.ratio_se:  # within its noise of the bound
-                again = timer(original, structure, inputs, target.backend, **dict(timer_options or {}))
-                ratios.append(again.ratio)
-                timing = max(timing, again, key=lambda t: t.ratio)  # the slower measurement stands
-            rounds.append({"sites_fraction_budget": fraction, "sites_fraction_predicted": predicted,
-                           "changed_sites": len(plan.changed), "original_ms": timing.original_ms,
-                           "rewritten_ms": timing.rewritten_ms, "ratio": timing.ratio, "runs": timing.runs,
-                           "ratio_se": timing.ratio_se, "measurements": ratios})
+            timing = measure(plan)
+            seen[signature] = timing.ratio
+            rounds.append(_round(plan, fraction, predicted, timing))
             if timing.ratio <= bound:
                 accepted = (plan, timing)
                 break
+            too_slow.append(fraction)
         if fraction <= floor:
             break  # the fastest per-layer plan was measured and is still too slow
         ratio = rounds[-1]["ratio"]
@@ -313,6 +325,9 @@ def fit_latency(prepared: PreparedBudget, original: nn.Module, gm: torch.fx.Grap
         if sites_before > 0 and sites_after - excess > 0:  # the excess taken off the per-layer sum, in ms
             steps.append((sites_after - excess) / sites_before)
         fraction = max(min(steps), floor)
+    if accepted is not None and accepted[1] is not None and too_slow and refine > 0:
+        accepted = _refine(prepared, accepted, rounds[-1]["sites_fraction_budget"], min(too_slow), bound, measure,
+                           rounds, seen, refine, method, objective)
     seconds = time.perf_counter() - start
     if accepted is None and bound >= 1.0 and target.macs is None and target.params is None:
         accepted = (_keep_all(prepared, dataclasses.replace(target, latency=bound)), None)
@@ -335,6 +350,50 @@ def fit_latency(prepared: PreparedBudget, original: nn.Module, gm: torch.fx.Grap
     seconds_all = dict(plan.seconds) | {"whole_model": seconds}
     return dataclasses.replace(plan, target=target, model_latency=MappingProxyType(info),
                                seconds=MappingProxyType(seconds_all))
+
+
+def _round(plan: BudgetPlan, budget: float, predicted: float, timing: ModelTiming, refine: bool = False
+           ) -> dict[str, Any]:
+    out = {"sites_fraction_budget": budget, "sites_fraction_predicted": predicted,
+           "changed_sites": len(plan.changed), "original_ms": timing.original_ms, "rewritten_ms": timing.rewritten_ms,
+           "ratio": timing.ratio, "runs": timing.runs, "ratio_se": timing.ratio_se,
+           "measurements": list(timing.ratios or (timing.ratio,)), "objective": plan.objective}
+    return out | {"refine": True} if refine else out
+
+
+def _refine(prepared: PreparedBudget, accepted: tuple[BudgetPlan, ModelTiming | None], lo: float, hi: float,
+            bound: float, measure: Callable[[BudgetPlan], ModelTiming], rounds: list[dict[str, Any]],
+            seen: dict[tuple[Any, ...], float], refine: int, method: str, objective: str
+            ) -> tuple[BudgetPlan, ModelTiming | None]:
+    """Bisect the per-layer budget between ``lo`` (its plan met the bound) and ``hi`` (its plan did not) for at most
+    ``refine`` more measured plans, keeping the least-objective plan that meets the bound: tightening steps by the
+    measured excess and can overshoot (a plan at 0.50x for a 0.7x bound cuts more than it must)."""
+    target = prepared.target
+    for _ in range(4 * refine):  # plans already measured cost nothing; bounded all the same
+        timing = accepted[1]
+        if refine <= 0 or timing is None or timing.ratio >= bound * (1.0 - REFINE_SLACK) or hi - lo < 0.01:
+            break
+        mid = (lo + hi) / 2
+        try:
+            plan = prepared.plan(dataclasses.replace(target, latency=mid), method=method, objective=objective)
+        except BudgetInfeasible:
+            break
+        signature = tuple(c.candidate.spec() for c in plan.choices)
+        if signature in seen:  # the same choices as a plan measured before: move the bracket without timing
+            lo, hi = (mid, hi) if seen[signature] <= bound else (lo, mid)
+            continue
+        refine -= 1
+        measured = measure(plan)
+        seen[signature] = measured.ratio
+        predicted = plan.latency_fraction if plan.latency_fraction is not None else mid
+        rounds.append(_round(plan, mid, predicted, measured, refine=True))
+        if measured.ratio <= bound:
+            lo = mid
+            if plan.objective < accepted[0].objective:
+                accepted = (plan, measured)
+        else:
+            hi = mid
+    return accepted
 
 
 def _fastest_fraction(prepared: PreparedBudget) -> float:
