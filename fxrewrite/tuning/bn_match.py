@@ -106,23 +106,26 @@ def _map_error(sums: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Te
 
 
 def match(original: torch.fx.GraphModule, model: torch.fx.GraphModule, node: torch.fx.Node,
-          ref: torch.fx.Node, batches: Callable[[], Iterable[Any]], progress: Progress) -> int:
+          ref: torch.fx.Node, batches: Callable[[], Iterable[Any]], progress: Progress,
+          pairs: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None) -> int:
     """Fold into the running statistics of the BatchNorm at ``node`` the per-channel map a r + b (a > 0) that gives
     its input r in the rewritten model the mean and variance of its input o in the original (node ``ref``) on the
     data: mean' = (mean - b) / a, var' = (var + eps) / a^2 - eps, so BN'(r) = BN(a r + b) and the BatchNorm's output
     has the original's per-channel mean and variance. Identical inputs give a = 1, b = 0 (statistics unchanged).
 
     Only the channels that pass the held-out check (the map fit on the fit half brings r closer to o on the check
-    half) and whose folded variance stays positive are changed; returns their number."""
+    half) and whose folded variance stays positive are changed; returns their number. ``pairs`` (optional) gives
+    per batch the BatchNorm's input in the rewritten and in the original model, instead of running both up to it."""
     bn = batchnorm_at(model, node)
     assert bn is not None and isinstance(ref.args[0], torch.fx.Node)
     x_node, o_node = node.args[0], ref.args[0]
     assert isinstance(x_node, torch.fx.Node)
     fit, check = (torch.zeros(_MOMENTS, bn.num_features, dtype=torch.float64, device=bn.running_mean.device)
                   for _ in range(2))
-    for inputs in batches():
-        _, xo = next(node_values(original, inputs, [o_node], stop=o_node))
-        _, xr = next(node_values(model, inputs, [x_node], stop=x_node))
+    if pairs is None:
+        pairs = ((next(node_values(model, inputs, [x_node], stop=x_node))[1],
+                  next(node_values(original, inputs, [o_node], stop=o_node))[1]) for inputs in batches())
+    for xr, xo in pairs:
         (r_fit, r_check), (o_fit, o_check) = halves(xr.to(fit.device)), halves(xo.to(fit.device))
         _channel_sums(r_fit, o_fit, fit)
         _channel_sums(r_check, o_check, check)

@@ -112,6 +112,7 @@ from fxrewrite.maths.im2col import im2col
 from fxrewrite.maths.lstsq import NormalEquations, SketchedEquations, grouped_targets, relative_residual
 from fxrewrite.tuning.bn_match import batchnorm_at, match, reestimate
 from fxrewrite.tuning.calibration_data import halves, output_leaves
+from fxrewrite.tuning.lockstep import Lockstep, lockstep_bytes, lockstep_ok
 from fxrewrite.tuning.progress import Progress
 from fxrewrite.tuning.records import RepairResult, SiteRepair
 from fxrewrite.util.distributed import all_reduce, world_size
@@ -245,10 +246,11 @@ class _ConvSketch(_ConvWeights, SketchedEquations):
 def _equations(conv: nn.Conv2d, device: torch.device | None, cap: int) -> _ConvEquations | _ConvSketch:
     """The dense normal equations when the fit's and the check's Grams, the solver's copy and its factorisation
     (4x the Gram) fit ``cap`` bytes; else a sketch."""
-    d = _refit_dim(conv)
-    if 4 * 8 * conv.groups * d * d <= cap:
-        return _ConvEquations(conv, device, cap)
-    return _ConvSketch(conv, device, cap)
+    return _ConvEquations(conv, device, cap) if _dense(conv, cap) else _ConvSketch(conv, device, cap)
+
+
+def _dense(conv: nn.Conv2d, cap: int) -> bool:
+    return 4 * 8 * conv.groups * _refit_dim(conv) ** 2 <= cap
 
 
 @dataclass
@@ -359,15 +361,17 @@ class _Fit:
 
 
 def _site_values(original: torch.fx.GraphModule, model: torch.fx.GraphModule, batches: Callable[[], Iterable[Any]],
-                 site: _Site, conv: nn.Conv2d, progress: Progress, label: str
+                 site: _Site, conv: nn.Conv2d, progress: Progress, label: str, runs: Lockstep | None = None
                  ) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
-    """Per batch, the conv input and the original site output, each split into (fit half, check half)."""
+    """Per batch, the conv input and the original site output, each split into (fit half, check half) (from the
+    paused ``runs`` when given, else by running both models up to them)."""
     assert site.original is not None
-    x_node = site.output.args[0]
+    x_node, y_node = site.output.args[0], site.original
     assert isinstance(x_node, torch.fx.Node)
-    for inputs in batches():
-        _, y = next(node_values(original, inputs, [site.original], stop=site.original))
-        _, x = next(node_values(model, inputs, [x_node], stop=x_node))
+    pairs = runs.pairs(x_node, y_node) if runs is not None else (
+        (next(node_values(model, inputs, [x_node], stop=x_node))[1],
+         next(node_values(original, inputs, [y_node], stop=y_node))[1]) for inputs in batches())
+    for x, y in pairs:
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or y.dim() != 4:
             raise RepairError(f"site {site.name!r}: expected 4-D tensors at the conv input and the original site "
                               "output")
@@ -395,14 +399,15 @@ def _measured_residuals(original: torch.fx.GraphModule, model: torch.fx.GraphMod
 
 
 def _refit(original: torch.fx.GraphModule, model: torch.fx.GraphModule, batches: Callable[[], Iterable[Any]],
-           site: _Site, ridge: float, progress: Progress, cap: int = DEFAULT_MEMORY_CAP) -> _Fit:
+           site: _Site, ridge: float, progress: Progress, cap: int = DEFAULT_MEMORY_CAP,
+           runs: Lockstep | None = None) -> _Fit:
     """Refit the site's conv if the refit passes the held-out check (module docstring); else keep its weights."""
     assert site.conv is not None and site.original is not None
     conv = model.get_submodule(site.conv)
     assert isinstance(conv, nn.Conv2d)
     fit, check = _equations(conv, conv.weight.device, cap), _equations(conv, conv.weight.device, cap)
     for (x_fit, x_check), (y_fit, y_check) in _site_values(original, model, batches, site, conv, progress,
-                                                            f"refit {site.name}"):
+                                                            f"refit {site.name}", runs):
         fit.add_batch(x_fit, y_fit)
         if x_check.shape[0]:
             check.add_batch(x_check, y_check)
@@ -474,6 +479,21 @@ def _plan(original: torch.fx.GraphModule, model: torch.fx.GraphModule, sites: Se
     return steps
 
 
+def _lockstep(original: torch.fx.GraphModule, model: torch.fx.GraphModule, steps: Sequence[tuple[str, Any]],
+              batches: Callable[[], Iterable[Any]], bn: Any, samples: int, cap: int, data: Any) -> Lockstep | None:
+    """Paused runs of both models (``fxrewrite.tuning.lockstep``: each runs once over the data, not once per step)
+    when the data is a list or tuple (held in memory already; other iterables are streamed, step by step), every
+    refit uses the dense Gram, no changed module is called twice, BatchNorms are matched (not re-estimated) and the
+    runs' live values fit half the memory cap; else None (step by step)."""
+    bound = lockstep_bytes(model, samples)
+    if (not isinstance(data, list | tuple) or bn == "reestimate" or not steps or bound is None or bound > cap // 2
+            or not lockstep_ok(model, [s.conv if kind == "refit" else str(s[0].target) for kind, s in steps])
+            or not all(_dense(model.get_submodule(s.conv), cap) for kind, s in steps if kind == "refit")):
+        return None
+    return Lockstep(original, model, list(batches()), [(s.output.args[0], s.original) if kind == "refit" else
+                                                       (s[0].args[0], s[1].args[0]) for kind, s in steps])
+
+
 def repair(original: nn.Module, rewritten: torch.fx.GraphModule, data: Iterable[Any], *,
            ridge: float = DEFAULT_RIDGE, bn: bool | str | None = "match", progress: bool = True,
            input_fn: InputFn | None = None, copy_module: bool = True, concrete_args: Mapping[str, Any] | None = None,
@@ -483,11 +503,11 @@ def repair(original: nn.Module, rewritten: torch.fx.GraphModule, data: Iterable[
     each site's output matches ``original``'s, then adjust the downstream BatchNorm statistics.
 
     ``data`` is a re-iterable of input tuples (a list, or a DataLoader; ``input_fn`` maps each item to the model's
-    positional inputs, e.g. ``lambda b: (b[0],)`` for (input, label) pairs). It is read once per refit site, twice
-    to measure, and for ``bn="match"`` once per downstream BatchNorm (``"reestimate"``: once). ``ridge`` is relative
-    to the mean diagonal of each Gram matrix and pulls towards the data-free weights. ``bn``: ``"match"`` (default,
-    True), ``"reestimate"`` or None (False): see the module docstring. Neither input module is changed
-    (``copy_module=False`` repairs ``rewritten`` in place, for callers that own it); both are run in eval mode.
+    positional inputs, e.g. ``lambda b: (b[0],)`` for (input, label) pairs). It is read twice to measure and once
+    per refit site and per BatchNorm matched (``"reestimate"``: once), or, a list within the memory cap, once for all
+    of them (``fxrewrite.tuning.lockstep``). ``ridge`` is relative to each Gram's mean diagonal and pulls towards the
+    data-free weights. ``bn``: ``"match"`` (default, True), ``"reestimate"`` or None (False): see the module
+    docstring. Neither input module is changed (``copy_module=False`` repairs ``rewritten`` in place); both run in eval.
     Capture options are those used to trace ``original``. Under torch.distributed every process must call this with
     its own non-empty share of the data; sums are all-reduced over the default process group.
 
@@ -538,11 +558,13 @@ def repair(original: nn.Module, rewritten: torch.fx.GraphModule, data: Iterable[
     with eval_mode(reference, model), torch.no_grad():
         try:
             before = _measure(reference, model, batches, sites, bar, "measure (before)")
+            runs = _lockstep(reference, model, steps, batches, bn, counts["samples"], memory_cap, data)
             for kind, step in steps:  # graph order: each step sees everything upstream of it already repaired
                 if kind == "refit":
-                    fits[step.name] = _refit(reference, model, batches, step, float(ridge), bar, memory_cap)
+                    fits[step.name] = _refit(reference, model, batches, step, float(ridge), bar, memory_cap, runs)
                 elif bn == "match":
-                    kept = match(reference, model, step[0], step[1], batches, bar)
+                    pairs = None if runs is None else runs.pairs(step[0].args[0], step[1].args[0])
+                    kept = match(reference, model, step[0], step[1], batches, bar, pairs)
                     bn_layers.append(str(step[0].target))
                     bn_matched.append((str(step[0].target), kept, model.get_submodule(str(step[0].target))
                                        .num_features))
