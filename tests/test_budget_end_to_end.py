@@ -5,6 +5,7 @@ predicted and measured whole-model output error."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import warnings
 
@@ -104,6 +105,7 @@ def test_plan_reports_predicted_and_measured_whole_model_error(pitch) -> None:
     doc = result.report.context["budget"]["end_to_end"]
     assert doc["measured"] == plan.measured_output_error and doc["predicted"] == plan.predicted_output_error
     assert len(doc["rounds"]) >= 2 and doc["uniform"] and doc["seconds"] > 0
+    json.dumps(result.report.context["budget"], allow_nan=False)  # plain, strict JSON
     text = str(plan)
     assert "whole-model output error" in text and f"measured {plan.measured_output_error:.4f}" in text
 

@@ -24,6 +24,13 @@ the median gain.
 ``rank = ceil(rho * exact rank)`` at every considered site, ``grouped{groups=4}`` everywhere), ``rho`` the largest one
 meeting the target; per form the family with the least predicted objective is built and measured with the plan.
 
+**Cost.** Everything runs on the first calibration items holding ``max_samples`` (512) samples: one pass that runs
+the original, the first plan and the uniform plans (the original's outputs are kept for later rounds when small),
+then per further round one forward and ``probes`` backward passes for the gains and one forward of the new plan;
+each plan built is factorised once. Measured on resnet18 at 224x224 with 8 calibration images (random weights, one
+thread, a busy 2-core machine): 8.6 s of a 56 s ``rewrite(..., target=Target(macs=0.5), calibration=...)`` (the
+calibration statistics took 16.5 s, the repair most of the rest).
+
 >>> import torch
 >>> a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
 >>> err = output_errors(a, [a, b], [(torch.randn(8, 4),)])
@@ -372,7 +379,8 @@ def fit_end_to_end(prepared: PreparedBudget, gm: torch.fx.GraphModule, batches: 
     is the least found (see the module docstring): the local-error plan, then while its measured error exceeds the
     prediction by more than ``margin`` (relative) or a uniform plan measures better, re-plans weighted by the
     measured gains, at least ``min_rounds`` (the prediction can be pessimistic where the gains are not 1, so one
-    gain-weighted plan is measured by default) and at most ``max_rounds`` plans in all; the uniform plans
+    gain-weighted plan is measured by default) and at most ``max_rounds`` plans in all, stopping early when a
+    re-plan measures no better than an earlier plan; the uniform plans
     (``uniform=True``) are candidates too; the least measured error wins.
     ``gm`` is the traced original with shapes (not changed). Everything is measured on the first calibration
     items holding ``max_samples`` samples (``Sampled``; None: all). The result's ``end_to_end`` records every
@@ -418,8 +426,9 @@ def fit_end_to_end(prepared: PreparedBudget, gm: torch.fx.GraphModule, batches: 
                         "objective": plan.objective, "predicted": pred, "measured": error})
         candidates.append((error, f"budget round {len(records) - 1}", plan))
         worse = error > pred * (1.0 + margin) + 1e-12 or error > best_uniform
-        if (not worse and len(records) >= min_rounds) or len(records) >= max_rounds:
-            break
+        no_gain = len(records) > 1 and error >= min(r["measured"] for r in records[:-1])
+        if (not worse and len(records) >= min_rounds) or len(records) >= max_rounds or no_gain:
+            break  # close enough to the prediction, out of rounds, or the last re-plan did not measure better
         t0 = time.perf_counter()
         replacements: dict[str, tuple[nn.Module, str]] = {}
         current = f"budget round {len(records) - 1}"
@@ -433,7 +442,7 @@ def fit_end_to_end(prepared: PreparedBudget, gm: torch.fx.GraphModule, batches: 
                     replacements[c.site] = (module, name)
         fresh = site_gains(gm, replacements, batches, input_fn=input_fn, probes=probes) if replacements else {}
         t_gains += time.perf_counter() - t0
-        records[-1]["gains_measured"] = {k: v.gain for k, v in fresh.items()}
+        records[-1]["gains_measured"] = {k: v.gain for k, v in fresh.items() if math.isfinite(v.gain)}
         for k, v in fresh.items():
             if math.isfinite(v.gain) and v.gain > 0:
                 gain_rows[k] = v
