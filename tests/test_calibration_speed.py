@@ -54,16 +54,18 @@ def test_more_columns_than_d_fold_into_the_gram() -> None:
 
 def test_column_and_gram_statistics_agree_on_a_wide_conv() -> None:
     """A 64 -> 96 3x3 conv on 200 columns (d = 576, float64 formulas): the kept columns and the Gram of the same
-    columns give the same errors for wide (1, 2 slices), tall (16, 64 slices) group counts and the grouped form."""
+    columns give the same errors for wide (1, 2 slices, from the cached Grams of 4 slices), tall (16, 64 slices)
+    group counts and the grouped form."""
     torch.manual_seed(2)
     x = torch.randn(1, 576, 200, dtype=torch.float64)
     w = torch.randn(1, 96, 576, dtype=torch.float64)
     energy = float((w @ x).square().sum())
-    columns = SiteStats(None, w, energy, 200, factor=x, method="columns")
+    columns = SiteStats(None, w, energy, 200, factor=x, method="columns", taps=9)  # 1, 2 slices share 4 slices' Grams
     dense = SiteStats(x @ x.mT, w, energy, 200)
     for g in (1, 2, 16, 64):
         np.testing.assert_allclose(separable_output_errors(columns, g), separable_output_errors(dense, g),
                                    rtol=1e-9, atol=1e-12)
+    assert [k for k in columns._cache if k.startswith("slice_grams")] == ["slice_grams0:4"]
     for g in (2, 4, 32):
         assert grouped_output_error(columns, g) == pytest.approx(grouped_output_error(dense, g), rel=1e-9)
 

@@ -112,12 +112,13 @@ class _GramSum:
             w = conv.weight.detach().to(torch.float64).reshape(g, m, -1)
             energy = float(self._output(factor).square().sum())
             return SiteStats(None, w.cpu(), energy, int(self.count), factor=factor.cpu(), method="columns",
-                             memory_cap=self.cap)
+                             memory_cap=self.cap, taps=conv.kernel_size[0] * conv.kernel_size[1])
         if self.sketch is not None:
             all_reduce(self.sketch.factor, self.count, self.energy)
             w = conv.weight.detach().to(torch.float64).reshape(g, m, -1)
             return SiteStats(None, w.cpu(), float(self.energy), int(self.count), factor=self.sketch.columns().cpu(),
-                             method=self.sketch.method, memory_cap=self.cap)
+                             method=self.sketch.method, memory_cap=self.cap,
+                             taps=conv.kernel_size[0] * conv.kernel_size[1])
         assert self.gram is not None and self.sums is not None
         all_reduce(self.gram, self.sums, self.count)
         w = conv.weight.detach().to(torch.float64).reshape(g, m, -1).to(self.gram.device)

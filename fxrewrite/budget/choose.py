@@ -17,9 +17,12 @@ comes from the trained weight, without data and without building any module:
 **Calibration** (``calibration=`` batches): the error is instead the relative output error of the site on real
 activations, ``sqrt(trace(dW G dW^T) / sum ||y||^2)`` with ``G`` the Gram matrix of the site's unfolded input patches
 (``fxrewrite.budget.calibration.collect_site_stats``: sums over batches, sites in chunks of bounded Gram memory, no
-activation kept) and ``dW`` the change the form makes. It is exact for the built factorisations, and every rank of a
-group count comes from one small matrix (``fxrewrite.maths.output_error.separable_output_errors``;
-``grouped_output_error``, ``tucker2_output_errors`` likewise).
+activation kept; a site with at most ``d`` unfolded columns keeps the columns themselves, ``G = X X^T``, which is
+cheaper to read than the Gram) and ``dW`` the change the form makes. It is exact for the built factorisations, and
+every rank of a group count comes from one small matrix or one sweep over the ranks
+(``fxrewrite.maths.output_error.separable_output_errors``; ``grouped_output_error``, ``tucker2_output_errors``
+likewise). On resnet18 at 224x224 with 8 images the eigendecompositions of the weight slices take the largest share
+(``benchmarks/bench_budget.py``, ``budget_timing``).
 
 **Latency** (``Target(latency=0.5, backend="eager")``): every site's original conv and every candidate are timed once
 per distinct layer configuration (``fxrewrite.budget.layer_latency``: round-robin median against the original, cached in

@@ -59,6 +59,7 @@ class SiteStats:
     factor: Tensor | None = None  # (G, d, l) with G = F F^T ("columns") or E[F F^T] = G ("sketch"); gram is None
     method: str = "gram"  # "gram" (dense), "columns" (exact factor) or "sketch" (unbiased factor)
     memory_cap: int = 1 << 30  # bytes the formulas' temporaries may take (column chunks of the factor)
+    taps: int = 0  # kh * kw of the conv (0: unknown); lets slice Grams be shared between group counts
     _cache: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
@@ -239,10 +240,11 @@ def tucker2_output_errors(stats: SiteStats, u: Tensor, v: Tensor, ranks: Sequenc
 
 # ---------------------------------------------------------------- factor forms (G = F F^T, no d x d matrix formed)
 
-def _slice_factors(a: Tensor, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+def _slice_factors(a: Tensor, dtype: torch.dtype = torch.float64, gram: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(left, right)`` with ``a[x] = left[x] @ right[x]^T`` column by column in descending singular value
     (``q`` slices ``m x c`` -> ``q x m x k``, ``q x c x k``, ``k = min(m, c)``), by the eigendecompositions
-    ``separable_output_errors`` uses (float64); the factor derived from the eigenvectors is computed in ``dtype``."""
+    ``separable_output_errors`` uses (float64; ``gram``: the slices' ``m x m`` Grams when ``c > m``, if known); the
+    factor derived from the eigenvectors is computed in ``dtype``."""
     m, c = a.shape[-2:]
     a = a.contiguous()
     if c <= m:
@@ -250,8 +252,25 @@ def _slice_factors(a: Tensor, dtype: torch.dtype = torch.float64) -> tuple[Tenso
             right = torch.linalg.eigh(a.mT @ a).eigenvectors.flip(-1)  # (q, c, c)
         return a.to(dtype) @ right.to(dtype), right
     with factorize.one_thread():
-        left = torch.linalg.eigh(a @ a.mT).eigenvectors.flip(-1)  # (q, m, m)
+        left = torch.linalg.eigh(a @ a.mT if gram is None else gram).eigenvectors.flip(-1)  # (q, m, m)
     return left, a.to(dtype).mT @ left.to(dtype)
+
+
+def _wide_grams(stats: SiteStats, b: int, q: int) -> Tensor | None:
+    """The ``m x m`` Grams of source group ``b``'s ``q`` slices (``m < d / q``) as sums of those of the finest
+    slicing into whole input channels that is still wider than ``m`` (computed once per site and cached: resnet's
+    512-channel 3x3 convs split into 1, 2, 4, 8 slices form one set of 8 Grams instead of four sets); None when the
+    taps are unknown."""
+    m, d = stats.weight.shape[1:]
+    if stats.taps <= 0 or d % stats.taps:
+        return None
+    channels = d // stats.taps  # the finest slicing keeps whole channels and at most the weight's numbers
+    finest = max(f for f in range(q, channels + 1, q) if (channels % f == 0 and d // f > m) or f == q)
+    key = f"slice_grams{b}:{finest}"
+    if key not in stats._cache:
+        a = stats.weight[b].reshape(m, finest, d // finest).transpose(0, 1)
+        stats._cache[key] = a @ a.mT
+    return stats._cache[key].reshape(q, finest // q, m, m).sum(dim=1)
 
 
 def _separable_factor(stats: SiteStats, groups: int) -> np.ndarray:
@@ -268,7 +287,8 @@ def _separable_factor(stats: SiteStats, groups: int) -> np.ndarray:
     tail = torch.zeros(k + 1, dtype=torch.float64)
     dtype = torch.float32 if d >= _FP32_FROM else torch.float64  # as SiteStats.compute
     for b in range(big_g):
-        left, right = _slice_factors(stats.weight[b].reshape(m, q, c).transpose(0, 1), dtype)
+        grams = _wide_grams(stats, b, q) if c > m else None
+        left, right = _slice_factors(stats.weight[b].reshape(m, q, c).transpose(0, 1), dtype, grams)
         right_t = right.mT.contiguous().to(dtype)  # (q, k, c)
         if q == 1:  # orthogonal columns of left: ||sum_{j >= r} M_j||^2 = sum_{j >= r} ||left_j||^2 ||p_j||^2
             scale = left[0].square().sum(dim=0, dtype=torch.float64)  # (k,)
