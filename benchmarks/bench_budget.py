@@ -8,8 +8,12 @@
 2. ResNet-50 with random weights (no downloads): budgeted plan vs uniform plans at the same MACs (output error on
    random inputs), and the time to choose the plan.
 3. A synthetic chain of 1000 3x3 convs (widths cycling 16/32/48): the time to choose the plan.
+4. The calibrated budget (issue 15): ResNet-18 (random weights) at 224x224 with 8 calibration images (2 batches of
+   4), one thread: the statistics alone (``collect_site_stats``: forward passes, im2col, Grams or kept columns),
+   ``choose_plan(..., calibration=...)`` and the whole ``rewrite(..., target=..., calibration=...)`` with its repair.
 
-Run ``python -m benchmarks.bench_budget`` (``--quick``: one target, a 200-conv chain, no ResNet-50 rewrites).
+Run ``python -m benchmarks.bench_budget`` (``--quick``: one target, a 200-conv chain, no ResNet-50 rewrites, the
+calibrated budget at 112x112; written to the git-ignored ``benchmarks/results/quick/``).
 MACs are multiply-adds of the whole model (1 MAC = one multiply-add), as fractions of the original's.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -187,6 +192,52 @@ def _chain(n: int, log: Callable[[str], None]) -> list[Any]:
             plan.seconds["candidates"], plan.seconds["optimise"], total]
 
 
+def _calibrated(quick: bool, log: Callable[[str], None]) -> tuple[list[list[Any]], list[str]]:
+    """Timing rows of the calibrated budget on ResNet-18 (random weights) with 8 images, and a note on what the
+    statistics pass did."""
+    from fxrewrite.budget.calibration import collect_site_stats
+    from fxrewrite.graph.sites import find_sites
+    size = 112 if quick else 224
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    images = torch.randn(8, 3, size, size)
+    batches = [(images[:4],), (images[4:],)]
+    example = images[:1]
+    t0 = time.perf_counter()
+    gm = _traced(model, example)
+    trace_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for (x,) in batches:
+            model(x)
+    forward_s = time.perf_counter() - t0
+    t0, c0 = time.perf_counter(), time.process_time()
+    methods = [stats.method for _, stats in collect_site_stats(gm, find_sites(gm), batches)]
+    stats_s, stats_cpu = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
+    plan = choose_plan(gm, Target(macs=0.5), calibration=batches)
+    total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = fxrewrite.rewrite(model, (example,), target=Target(macs=0.5), calibration=batches)
+    rewrite_s, rewrite_cpu = time.perf_counter() - t0, time.process_time() - c0
+    label = f"resnet18 {size}x{size}, calibrated, 8 images"
+    log(f"{label}: statistics {stats_s:.2f}s, choose_plan {total:.2f}s ({total_cpu:.2f}s CPU), rewrite with repair "
+        f"{rewrite_s:.2f}s ({rewrite_cpu:.2f}s CPU)")
+    rows = [[label, plan.method, f"{plan.macs_fraction:.4f}", plan.objective, trace_s, plan.seconds["candidates"],
+             plan.seconds["optimise"], total]]
+    after = result.report.context.get("model_macs_after"), result.report.context.get("model_macs_before")
+    note = (f"{label} (random weights, 2 batches of 4, Target(macs=0.5), default forms): one forward pass of the 8 "
+            f"images {forward_s:.2f}s; the statistics alone (collect_site_stats, {len(methods)} sites: "
+            f"{methods.count('gram')} dense Grams, {methods.count('columns')} kept as columns) {stats_s:.2f}s "
+            f"({stats_cpu:.2f}s CPU), included in 'candidates s' with every site's calibrated candidate errors; "
+            f"choose_plan {total:.2f}s wall, {total_cpu:.2f}s CPU time of this process (one thread: what an idle "
+            f"machine's wall time would be); the whole rewrite(model, (x,), target=Target(macs=0.5), "
+            f"calibration=batches) as users call it (capture, budget with its end-to-end check, repair, "
+            f"verification, latency check) {rewrite_s:.2f}s wall, {rewrite_cpu:.2f}s CPU (MACs "
+            f"{after[0] / after[1]:.4f}x). Load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.")
+    return rows, [note]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one target, a 200-conv chain, no ResNet-50 rewrites")
@@ -203,14 +254,16 @@ def main(argv: list[str] | None = None) -> int:
         rows, notes = _digits(targets, 8 if args.quick else 15, log)
         r50_rows, timing = _resnet50(args.quick, log)
         timing.append(_chain(200 if args.quick else 1000, log))
-        _write(rows, r50_rows, timing, notes, start)
+        calibrated, timing_notes = _calibrated(args.quick, log)
+        timing += calibrated
+        _write(rows, r50_rows, timing, notes, timing_notes, start, "_quick" if args.quick else "")
     finally:
         torch.set_num_threads(threads)
     return 0
 
 
 def _write(rows: list[list[Any]], r50_rows: list[list[Any]], timing: list[list[Any]], notes: list[str],
-           start: float) -> None:
+           timing_notes: list[str], start: float, suffix: str = "") -> None:
     headers = ["model", "target", "plan", "MACs (x)", "params (x)", "pred. loss", "out. rel. err", "acc. %",
                "vs uniform"]
     notes = [*notes,
@@ -226,17 +279,18 @@ def _write(rows: list[list[Any]], r50_rows: list[list[Any]], timing: list[list[A
              "out. rel. err: ||f'(x) - f(x)|| / ||f(x)|| of the logits (digits: the 450 test images; ResNet-50: 4 "
              "random 64x64 inputs, random weights).",
              f"total benchmark time {time.perf_counter() - start:.0f}s, torch threads 1."]
-    md = write_results("budget", "Budgeted plans vs uniform plans at the same MACs (data-free)", headers,
+    md = write_results("budget" + suffix, "Budgeted plans vs uniform plans at the same MACs (data-free)", headers,
                        rows + r50_rows, notes,
                        extra={"timing_headers": ["model", "method", "MACs (x)", "objective", "trace s",
                                                  "candidates s", "optimise s", "choose_plan s"],
                               "timing": timing})
-    timing_md = write_results("budget_timing", "Time to choose a budgeted plan (MACs <= 0.5x)",
+    timing_md = write_results("budget_timing" + suffix, "Time to choose a budgeted plan (MACs <= 0.5x)",
                               ["model", "method", "MACs (x)", "objective", "trace+shapes s", "candidates s",
                                "optimise s", "choose_plan s"], timing,
-                              ["choose_plan = candidates (spectra of every site's weight for every form, group "
-                               "count and rank) + optimise (greedy hull walk + repair, and DP when one constraint "
-                               "binds)."])
+                              ["choose_plan = candidates (data-free: spectra of every site's weight for every form, "
+                               "group count and rank; calibrated: the statistics pass and every candidate's output "
+                               "error) + optimise (greedy hull walk + repair, and DP when one constraint binds).",
+                               *timing_notes])
     print(md)
     print(timing_md)
 
