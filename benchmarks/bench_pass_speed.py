@@ -24,7 +24,9 @@ import copy
 import itertools
 import math
 import os
+import statistics
 import sys
+import time
 from typing import Any
 
 import torch
@@ -126,17 +128,28 @@ def path_cases(quick: bool, chains: tuple[int, ...] = (1000, 3000, 5000)) -> lis
 
 
 def path_row(name: str, model: nn.Module, x: torch.Tensor, runs: int) -> list[Any]:
-    """One row: symbolic_trace, one forward, rewrite() with defaults and with verify=False (medians, ms)."""
-    trace_s = median_time(lambda: torch.fx.symbolic_trace(model), runs=runs)
-    with torch.no_grad():
-        forward_s = median_time(lambda: model(x), runs=runs)
-    verified = fxrewrite.rewrite(model, (x,), passes=PATH_PASSES)
+    """One row: symbolic_trace, one forward, rewrite() with defaults and with verify=False (medians, ms). The four
+    are timed in interleaved rounds (one of each per round), so a change of the machine's load between them shifts
+    numerator and denominator alike."""
+    verified = fxrewrite.rewrite(model, (x,), passes=PATH_PASSES)  # also the warm-up
     assert verified.verification is not None and verified.verification.ok, verified.verification
     convs = sum(r.status == "rewritten" for r in verified.report.records)
-    warm = 0 if name.startswith("chain-") else 1
-    default_s = median_time(lambda: fxrewrite.rewrite(model, (x,), passes=PATH_PASSES), runs=runs, warmup=warm)
-    plain_s = median_time(lambda: fxrewrite.rewrite(model, (x,), passes=PATH_PASSES, verify=False), runs=runs,
-                          warmup=warm)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(x)
+
+    steps = {"trace": lambda: torch.fx.symbolic_trace(model), "forward": forward,
+             "default": lambda: fxrewrite.rewrite(model, (x,), passes=PATH_PASSES),
+             "plain": lambda: fxrewrite.rewrite(model, (x,), passes=PATH_PASSES, verify=False)}
+    forward()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(runs):
+        for key, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    trace_s, forward_s, default_s, plain_s = (statistics.median(times[k]) for k in steps)
     base = trace_s + forward_s
     return [name, convs, trace_s * 1e3, forward_s * 1e3, default_s * 1e3, default_s / base, plain_s * 1e3,
             plain_s / base, default_s / max(convs, 1) * 1e3]
@@ -152,7 +165,8 @@ def path_table(quick: bool, chains: tuple[int, ...] = (1000, 3000, 5000)) -> str
              "shape propagation, the pass, verification with numerics on the example input, the report); "
              "verify=False leaves the verification out; x / (trace + forward) = its time over symbolic_trace plus "
              "one eager forward (no_grad) of the same model, measured in the same run (goal <= 5x). Medians of 3 "
-             f"runs; torch intra-op threads = {torch.get_num_threads()}; 1-minute load average "
+             f"interleaved rounds (one of each per round); torch intra-op threads = {torch.get_num_threads()}; "
+             "1-minute load average "
              f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes share the CPUs)."]
     chains = sorted((int(r[0].split("-")[1]), r[4]) for r in rows if r[0].startswith("chain-"))
     pairs = [*itertools.pairwise(chains), *([(chains[0], chains[-1])] if len(chains) > 2 else [])]
