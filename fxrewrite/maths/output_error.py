@@ -303,9 +303,10 @@ def _separable_factor(stats: SiteStats, groups: int) -> np.ndarray:
             acc = torch.zeros(m, p.shape[-1], dtype=dtype)
             flat, squares = acc.view(-1), torch.empty(acc.numel(), dtype=dtype)
             norms = torch.zeros(k, dtype=dtype)
-            for r in range(k - 1, -1, -1):  # D_r = D_{r+1} + M_r, one small GEMM each: the buffer stays in cache
-                acc.addmm_(left_t[r], p[r])
-                torch.sum(torch.mul(flat, flat, out=squares), 0, out=norms[r])  # cascade sum: ~1e-7 relative
+            with factorize.one_thread():  # k small GEMMs: threads would only synchronise (8x slower on 2 busy cores)
+                for r in range(k - 1, -1, -1):  # D_r = D_{r+1} + M_r, one small GEMM each: the buffer stays in cache
+                    acc.addmm_(left_t[r], p[r])
+                    torch.sum(torch.mul(flat, flat, out=squares), 0, out=norms[r])  # cascade sum: ~1e-7 relative
             tail[:k] += norms.to(torch.float64)
     return _relative(tail.numpy(), stats.energy)
 
