@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import itertools
 import math
 import os
@@ -130,7 +131,8 @@ def path_cases(quick: bool, chains: tuple[int, ...] = (1000, 3000, 5000)) -> lis
 def path_row(name: str, model: nn.Module, x: torch.Tensor, runs: int) -> list[Any]:
     """One row: symbolic_trace, one forward, rewrite() with defaults and with verify=False (medians, ms). The four
     are timed in interleaved rounds (one of each per round), so a change of the machine's load between them shifts
-    numerator and denominator alike."""
+    numerator and denominator alike; a full garbage collection before each keeps one step's garbage out of the
+    next one's time."""
     verified = fxrewrite.rewrite(model, (x,), passes=PATH_PASSES)  # also the warm-up
     assert verified.verification is not None and verified.verification.ok, verified.verification
     convs = sum(r.status == "rewritten" for r in verified.report.records)
@@ -146,6 +148,7 @@ def path_row(name: str, model: nn.Module, x: torch.Tensor, runs: int) -> list[An
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(runs):
         for key, fn in steps.items():
+            gc.collect()  # the previous step's garbage is not charged to this one (rewrite() pauses the collector)
             start = time.perf_counter()
             fn()
             times[key].append(time.perf_counter() - start)
