@@ -203,26 +203,28 @@ def test_time_models_options_are_checked() -> None:
         time_models(a, a, (torch.randn(1, 1, 2, 2),), min_runs=5, max_runs=2)
 
 
-def test_inductor_layer_guide_times_only_the_originals_and_scales_candidates_by_macs() -> None:
-    """backend="inductor": compiling every candidate is too slow, so per layer only the originals are timed and each
-    candidate is the original's figure times its MAC fraction; the whole model decides (compiled)."""
+def test_inductor_layer_guide_times_every_candidate_eager_and_prunes_slow_ones() -> None:
+    """backend="inductor": compiling every candidate is too slow, so per layer the originals and the candidates are
+    timed eager (the same extern conv kernels) and a candidate slower than its original is pruned, whatever its MACs
+    (a MAC-scaled guide kept it: the pitch model's first plan then measured 1.61x compiled)."""
     timed: list[LayerConfig] = []
 
     def fake(rnd: Sequence[tuple[LayerConfig, Any]]) -> list[float]:
-        timed.extend(c for c, _ in rnd)
-        return [2.0 for _ in rnd]
+        timed.extend(c for c, _ in rnd)  # the reference is 2.0 ms; groups=2 is slower than it, the rest faster
+        return [2.0 if c.form == "keep" else 3.0 if dict(c.options).get("groups") == 2 else 1.0 for c, _ in rnd]
 
     torch.manual_seed(0)
     gm = trace(Three().eval())
     propagate_shapes(gm, (torch.randn(1, 8, 16, 16),))
     timing = LayerLatency(backend="inductor", timer=fake, progress=False)
-    prepared = prepare_budget(gm, Target(latency=0.5, backend="inductor"), ("grouped",), latency=timing)
-    assert timed and all(c.form == "keep" for c in timed)
-    for site, cands in prepared.considered:
-        for c in cands[1:]:
-            assert c.latency_ms == pytest.approx(2.0 * c.macs / site.macs)
+    prepared = prepare_budget(gm, Target(latency=0.6, backend="inductor"), ("grouped",), latency=timing)
+    assert any(c.form == "keep" for c in timed) and any(c.form != "keep" for c in timed)
+    assert any(dict(c.options).get("groups") == 2 for c in timed)  # timed, then pruned
+    kept = [c for _, cands in prepared.considered for c in cands[1:]]
+    assert kept and all(c.latency_ms == 1.0 and c.options.get("groups") != 2 for c in kept)
+    assert all(prepared.timed.pruned[s.name] >= 1 for s, _ in prepared.considered)
     plan = prepared.plan()
-    assert plan.latency_fraction is not None and plan.latency_fraction <= 0.5
+    assert plan.latency_fraction is not None and plan.latency_fraction <= 0.6
 
 
 @pytest.mark.slow

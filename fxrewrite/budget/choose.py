@@ -178,7 +178,7 @@ def _time_candidates(considered: list[tuple[ConvSite, list[Candidate]]], sites: 
                      timing: Any) -> tuple[list[tuple[ConvSite, list[Candidate]]], _Timed]:
     """Measure (or look up) every site's original conv and every candidate once per distinct configuration; drop
     candidates not faster than the original (counted per site) and those off the rank grid (``rank_grid``)."""
-    from fxrewrite.budget.layer_latency import MAC_SCALED, LayerConfig, build_module, on_rank_grid
+    from fxrewrite.budget.layer_latency import LayerConfig, build_module, on_rank_grid
     refs = {s.name: LayerConfig.of(s) for s in sites}
     groups: dict[Any, list[Any]] = {ref: [] for ref in refs.values()}
     builders: dict[Any, Callable[[], nn.Module]] = {}
@@ -196,12 +196,7 @@ def _time_candidates(considered: list[tuple[ConvSite, list[Candidate]]], sites: 
             builders.setdefault(cfg, functools.partial(build_module, cfg, site))
             rows.append((c, cfg))
         wanted.append(rows)
-    if timing.backend in MAC_SCALED:  # originals timed (eager), candidates scaled by MACs: see layer_latency
-        values = timing.latencies({ref: [] for ref in groups})
-        values |= {cfg: values[refs[site.name]] * c.macs / max(site.macs, 1)
-                   for (site, _), rows in zip(considered, wanted, strict=True) for c, cfg in rows}
-    else:
-        values = timing.latencies(groups, builders)
+    values = timing.latencies(groups, builders)
     keep_ms = {name: values[ref] for name, ref in refs.items()}
     pruned: dict[str, int] = {}
     out = []

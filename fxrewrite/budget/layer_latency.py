@@ -20,9 +20,12 @@ eval mode under ``torch.no_grad`` with ``threads`` intra-op threads (default: th
   ``intra_op_num_threads = threads`` (needs onnxruntime installed);
 - ``cuda``: modules and input on the current GPU, synchronised around every call (needs a GPU);
 - ``inductor`` (``torch.compile``): compiling every candidate would take seconds each, so the per-layer figures
-  are only a guide: each original conv is timed eager and a candidate's figure is the original's scaled by its MAC
-  fraction (``MAC_SCALED``; compiled models realise most of a MAC saving); the whole model is then compiled and
-  timed by ``fxrewrite.budget.whole_model``, which decides.
+  are only a guide, timed eager (the original convs and every candidate): inductor lowers a convolution to the same
+  extern kernel eager calls, so a candidate whose kernels are slow in eager stays slow compiled. (Scaling the
+  original's time by a candidate's MAC fraction, tried first, assumed every saving realised: on the trained pitch
+  model the first such plan measured 1.61x compiled, because oneDNN's depthwise conv with multiplier > 1 is slower
+  than the dense conv it replaces.) The whole model is then compiled and timed by ``fxrewrite.budget.whole_model``,
+  which decides.
 
 **Normalisation.** A candidate's figure is stored with the reference's median of the same round; its latency is
 ``ms * reference_ms / reference_ms_same_round``, where ``reference_ms`` is the median over every round that timed the
@@ -74,11 +77,10 @@ from fxrewrite.passes import pass_class
 from fxrewrite.passes.candidates import KEEP
 from fxrewrite.util.files import atomic_write_text
 
-__all__ = ["BACKENDS", "KEEP", "MAC_SCALED", "LayerConfig", "LayerLatency", "Timer", "build_module",
+__all__ = ["BACKENDS", "KEEP", "LayerConfig", "LayerLatency", "Timer", "build_module",
            "clear_memory_cache", "device_name"]
 
 BACKENDS = ("eager", "channels_last", "onnxruntime", "cuda", "inductor")
-MAC_SCALED = ("inductor",)  # per-layer guide: originals timed eager, candidates scaled by their MACs
 CACHE_ENV = "FXREWRITE_LATENCY_CACHE"
 _FORMAT = "fxrewrite-layer-latency"
 _MEMORY: dict[str, dict[str, Any]] = {}  # key -> {"ms", "reference_ms"} or {"ms", "rounds"}: this process's figures
