@@ -59,15 +59,6 @@ def latency_ratio(original: nn.Module, rewritten: nn.Module, x: torch.Tensor, ba
             "ratio": statistics.median(t.ratio for t in timings), "runs": sum(t.runs for t in timings)}
 
 
-def _changed(result: Any) -> str:
-    parts = []
-    for r in result.report.records:
-        if r.status == "rewritten":
-            opts = ",".join(f"{k}={v}" for k, v in r.options.items() if k in ("groups", "rank"))
-            parts.append(f"{r.site}:{r.pass_name}{{{opts}}}")
-    return "; ".join(parts) or "none"
-
-
 def _rewrite(model: nn.Module, x: torch.Tensor, target: Target, calibration: Any = None) -> tuple[Any, float]:
     clear_memory_cache()  # every plan times its layers cold: its plan time is what a first call costs
     with warnings.catch_warnings():
@@ -126,7 +117,7 @@ def run(*, quick: bool, batch: int, repeats: int, inductor: bool, distill_steps:
                "latency_inductor": compiled.get("ratio"), "inductor": compiled,
                "plan_seconds_free": plan_s_free, "plan_seconds": plan_s, "rewrite_seconds_free": s_free,
                "rewrite_seconds": s_cal, "distill_seconds": s_dist, "plan_seconds_parts": dict(budget["seconds"]),
-               "changed_free": _changed(free), "changed_repaired": _changed(cal),
+               "changed_free": pitch.changed_sites(free), "changed_repaired": pitch.changed_sites(cal),
                "fit_rounds": fitted["rounds"] if fitted else None}
         details.append(row)
         ind = row["latency_inductor"]
@@ -166,7 +157,7 @@ def _inductor_target(model: nn.Module, example: torch.Tensor, calib: Any, data: 
     plan_s = sum(budget["seconds"].values())
     detail = {"target": name, "acc_repaired": acc, "macs_repaired": macs, "latency_inductor": compiled["ratio"],
               "latency_eager": eager["ratio"], "plan_seconds": plan_s, "rewrite_seconds": s_cal,
-              "changed_repaired": _changed(cal), "fit_rounds": budget["latency"]["whole_model"]["rounds"]}
+              "changed_repaired": pitch.changed_sites(cal), "fit_rounds": budget["latency"]["whole_model"]["rounds"]}
     return [name, acc0, "not run", acc, "n/a", acc - acc0, macs, "n/a", eager["ratio"], compiled["ratio"], "n/a",
             plan_s, s_cal], detail
 

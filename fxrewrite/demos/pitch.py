@@ -210,7 +210,7 @@ class PitchResult:
                 "total_seconds": self.total_seconds, "settings": self.settings}
 
 
-def _changed(result: Any) -> str:
+def changed_sites(result: Any) -> str:
     """The rewritten sites of a result, each with its form and rank / groups."""
     parts = []
     for r in result.report.records:
@@ -265,7 +265,7 @@ def _run_demo(classes: int, width: int, stem_taps: int, train: int, test: int, e
             t3 = time.perf_counter()
         rows.append(PitchRow(float(target), total, sum(conv_macs(free.module, frame).values()),
                              sum(conv_macs(cal.module, frame).values()), accuracy(free.module, x, y),
-                             accuracy(cal.module, x, y), _changed(free), _changed(cal), t2 - t1, t3 - t2))
+                             accuracy(cal.module, x, y), changed_sites(free), changed_sites(cal), t2 - t1, t3 - t2))
     settings = {"classes": classes, "width": width, "stem_taps": stem_taps, "train": train, "test": test,
                 "epochs": epochs, "batch_size": batch_size, "calib_batches": len(calib), "seed": seed,
                 "threads": torch.get_num_threads(), "torch": torch.__version__}
