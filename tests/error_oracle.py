@@ -1,5 +1,6 @@
-"""The direct evaluation the budget's closed-form output errors are checked against (tests of the dense Gram path in
-test_budget_latency.py and of the bounded-memory column path in test_calibration_memory.py share it)."""
+"""The direct evaluations the budget's output errors are checked against: per site (the closed forms of the dense Gram
+path in test_budget_latency.py and of the bounded-memory column path in test_calibration_memory.py) and for a whole
+model (test_calibration_memory.py, test_budget_end_to_end.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,17 @@ from torch import nn
 
 from fxrewrite.maths import factorize
 from fxrewrite.maths.output_error import grouped_output_error, separable_output_errors, tucker2_output_errors
+
+
+def model_output_error(model: nn.Module, rewritten: nn.Module, batches: list[tuple[torch.Tensor]]) -> float:
+    """``||rewritten(x) - model(x)|| / ||model(x)||`` over all batches, in float64, computed here (not by fxrewrite)."""
+    num = den = 0.0
+    with torch.no_grad():
+        for (x,) in batches:
+            ref, new = model(x).double(), rewritten(x).double()
+            num += float((new - ref).square().sum())
+            den += float(ref.square().sum())
+    return math.sqrt(num / den)
 
 
 def output_error(conv: nn.Conv2d, weight: torch.Tensor, batches: list[tuple[torch.Tensor]], groups: int) -> float:

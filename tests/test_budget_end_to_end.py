@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from error_oracle import model_output_error
 from torch import nn
 
 import fxrewrite
@@ -23,17 +24,6 @@ from fxrewrite.graph.capture import trace
 from fxrewrite.graph.shapes import propagate_shapes
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small convs: intra-op threads only spin on a busy machine
-
-
-def _rel_error(a: nn.Module, b: nn.Module, batches: list[tuple[torch.Tensor]]) -> float:
-    """``||b(x) - a(x)|| / ||a(x)||`` over all batches, computed here (not by fxrewrite)."""
-    num = den = 0.0
-    with torch.no_grad():
-        for (x,) in batches:
-            ya, yb = a(x).double(), b(x).double()
-            num += float((yb - ya).square().sum())
-            den += float(ya.square().sum())
-    return math.sqrt(num / den)
 
 
 def _traced(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
@@ -71,10 +61,10 @@ def test_trained_budget_is_no_worse_than_uniform_on_held_out_data(pitch, macs: f
     plan = fit_end_to_end(prepared, gm, calib)  # what rewrite(..., target=..., calibration=...) plans with
     uniform = uniform_plans(prepared)
     assert uniform, "a uniform plan meets the target"
-    mine = _rel_error(model, plan.apply(copy.deepcopy(gm)).graph_module, held)
+    mine = model_output_error(model, plan.apply(copy.deepcopy(gm)).graph_module, held)
     for spec, u in uniform:
         assert u.macs_after <= macs * u.macs_before  # at no more MACs than the target
-        theirs = _rel_error(model, u.apply(copy.deepcopy(gm)).graph_module, held)
+        theirs = model_output_error(model, u.apply(copy.deepcopy(gm)).graph_module, held)
         print(f"macs={macs}: budget {mine:.4f} vs uniform {spec} {theirs:.4f} (held-out)")
         assert mine <= theirs, f"uniform {spec} beats the budgeted plan on held-out data: {theirs:.4f} < {mine:.4f}"
     assert plan.macs_after <= macs * plan.macs_before
@@ -89,13 +79,14 @@ def test_plan_reports_predicted_and_measured_whole_model_error(pitch) -> None:
     # measured: the plan's model (as planned, before repair) against the original, computed independently
     gm = _traced(model, example)
     rebuilt = plan.apply(copy.deepcopy(gm)).graph_module
-    torch.testing.assert_close(plan.measured_output_error, _rel_error(model, rebuilt, calib), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(plan.measured_output_error, model_output_error(model, rebuilt, calib), rtol=1e-6,
+                               atol=1e-9)
     # predicted for the first (local-error) plan: sqrt(1 - prod(1 - e_s^2)) of its per-site output errors
     first = prepare_budget(gm, Target(macs=0.5), calibration=calib).plan()
     errs = [c.predicted_rel_error for c in first.changed]
     want = math.sqrt(1.0 - math.prod(1.0 - e * e for e in errs))
     assert e2e["rounds"][0]["predicted"] == pytest.approx(want, rel=1e-9)
-    assert e2e["rounds"][0]["measured"] == pytest.approx(_rel_error(model, first.apply(copy.deepcopy(gm))
+    assert e2e["rounds"][0]["measured"] == pytest.approx(model_output_error(model, first.apply(copy.deepcopy(gm))
                                                                     .graph_module, calib), rel=1e-6)
     assert 0.0 < plan.predicted_output_error < 1.0 and e2e["chosen"] in (
         [f"budget round {r['round']}" for r in e2e["rounds"]] + [f"uniform {u['plan']}" for u in e2e["uniform"]])
@@ -154,11 +145,12 @@ def test_replanning_fixes_a_plan_that_local_errors_mislead() -> None:
     assert rounds[1]["weights"] == "measured gains" and rounds[1]["measured"] < 0.6 * rounds[0]["measured"]
     # the gain-weighted prediction tracks the measurement (the local one is 1.8x too high here)
     assert rounds[1]["predicted"] == pytest.approx(rounds[1]["measured"], rel=0.3)
-    local_held = _rel_error(model, local.apply(copy.deepcopy(gm)).graph_module, held)
-    mine_held = _rel_error(model, plan.apply(copy.deepcopy(gm)).graph_module, held)
+    local_held = model_output_error(model, local.apply(copy.deepcopy(gm)).graph_module, held)
+    mine_held = model_output_error(model, plan.apply(copy.deepcopy(gm)).graph_module, held)
     assert mine_held < 0.6 * local_held
     # local errors alone lose to a uniform plan here (the bug the issue names); the returned plan does not
-    uniform = [_rel_error(model, u.apply(copy.deepcopy(gm)).graph_module, held) for _, u in uniform_plans(prepared)]
+    uniform = [model_output_error(model, u.apply(copy.deepcopy(gm)).graph_module, held)
+               for _, u in uniform_plans(prepared)]
     assert min(uniform) < local_held and mine_held < min(uniform)
 
 
@@ -170,6 +162,6 @@ def test_output_errors_and_prediction_helpers() -> None:
     batches = [(torch.randn(5, 3),), (torch.randn(2, 3),)]
     err = output_errors(a, [a, b], batches)
     assert err[0] == 0.0
-    assert err[1] == pytest.approx(_rel_error(a, b, batches), rel=1e-9)
+    assert err[1] == pytest.approx(model_output_error(a, b, batches), rel=1e-9)
     assert predicted_error([0.6]) == pytest.approx(0.6)  # one site: the prediction is its own error
     assert predicted_error([0.3, 0.4]) == pytest.approx(math.sqrt(1 - 0.91 * 0.84))

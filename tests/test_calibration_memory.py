@@ -5,7 +5,6 @@ asked for a 32 GiB Gram stays under the default 1 GiB cap (measured as the proce
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from error_oracle import check_errors
+from error_oracle import check_errors, model_output_error
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -61,16 +60,6 @@ def test_exact_column_factor_gives_the_dense_errors(source_groups: int) -> None:
     check_errors(stats, conv, batches, source_groups, (4, 8, 48), lambda g: (1, 2, 5), (1, 5, 30), separable_rel=1e-5)
 
 
-def _measured(model: nn.Module, rewritten: nn.Module, batches: list[tuple[torch.Tensor]]) -> float:
-    num = den = 0.0
-    with torch.no_grad():
-        for (x,) in batches:
-            ref, new = model(x).double(), rewritten(x).double()
-            num += float((new - ref).square().sum())
-            den += float(ref.square().sum())
-    return math.sqrt(num / den)
-
-
 @pytest.mark.parametrize(("cap", "shape", "batches", "method", "tolerance"),
                          [(MiB, (1, 64, 7, 7), 1, "columns", 1e-4), (4 * MiB, (4, 64, 8, 8), 6, "sketch", 0.15)])
 def test_budget_prediction_is_the_measured_output_error(cap: int, shape: tuple[int, ...], batches: int, method: str,
@@ -89,7 +78,7 @@ def test_budget_prediction_is_the_measured_output_error(cap: int, shape: tuple[i
         plan = choose_plan(gm, Target(macs=target), calibration=data, max_gram_bytes=cap)
         choice, = plan.choices
         built = plan.apply(gm).graph_module
-        measured = _measured(model, built, data)
+        measured = model_output_error(model, built, data)
         assert choice.candidate.rel_error == pytest.approx(measured, rel=tolerance), (target, choice.candidate)
 
 

@@ -368,10 +368,6 @@ def _uniform(prepared: PreparedBudget, target: Target, form: str, opts: tuple[tu
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-def _signature(plan: BudgetPlan) -> tuple[str, ...]:
-    return tuple(c.candidate.spec() for c in plan.choices)
-
-
 def fit_end_to_end(prepared: PreparedBudget, gm: torch.fx.GraphModule, batches: Iterable[Any], *,
                    input_fn: InputFn | None = None, method: str = "auto", objective: str = "log-cosine",
                    buckets: int | None = None, max_rounds: int = 3, min_rounds: int = 2, margin: float = 0.1,
@@ -396,7 +392,7 @@ def fit_end_to_end(prepared: PreparedBudget, gm: torch.fx.GraphModule, batches: 
     built: dict[tuple[str, ...], torch.fx.GraphModule] = {}
 
     def build(plan: BudgetPlan) -> torch.fx.GraphModule:
-        key = _signature(plan)
+        key = plan.signature
         if key not in built:
             built[key] = plan.apply(copy.deepcopy(gm)).graph_module
         return built[key]
@@ -415,7 +411,7 @@ def fit_end_to_end(prepared: PreparedBudget, gm: torch.fx.GraphModule, batches: 
     candidates: list[tuple[float, str, BudgetPlan]] = [(m, f"uniform {spec}", p) for (spec, p), m in zip(
         unif, measured[1:], strict=True)]
     error = measured[0]
-    seen = {_signature(plan)}
+    seen = {plan.signature}
     gain_rows: dict[str, SiteGain] = {}
     history: dict[str, list[float]] = {}
     t_gains = 0.0
@@ -456,15 +452,15 @@ def fit_end_to_end(prepared: PreparedBudget, gm: torch.fx.GraphModule, batches: 
         weights = {name: g * float(prepared.weights.get(name, 1.0)) for name, g in gains.items()}
         plan = dataclasses.replace(prepared, weights=MappingProxyType(weights)).plan(
             method=method, objective=objective, buckets=buckets)
-        if _signature(plan) in seen:
+        if plan.signature in seen:
             pred = predicted_error([c.predicted_rel_error for c in plan.changed],
                                    [gains.get(c.site, 1.0) for c in plan.changed])
             records.append({"round": len(records), "weights": "measured gains", "macs_fraction": plan.macs_fraction,
                             "changed_sites": len(plan.changed), "objective": plan.objective, "predicted": pred,
-                            "measured": next(m for m, _, p in candidates if _signature(p) == _signature(plan)),
+                            "measured": next(m for m, _, p in candidates if p.signature == plan.signature),
                             "repeat": True})
             break
-        seen.add(_signature(plan))
+        seen.add(plan.signature)
         error = output_errors(gm, [build(plan)], batches, input_fn=input_fn, cache=cache)[0]
     best_error, chosen, best = min(candidates, key=lambda t: (t[0], t[1].startswith("uniform")))
     preds = {f"budget round {r['round']}": r["predicted"] for r in records}

@@ -112,6 +112,12 @@ class BudgetPlan:
         return self.end_to_end.get("measured")
 
     @property
+    def signature(self) -> tuple[str, ...]:
+        """Every site's chosen candidate as an option string: two plans with the same signature build the same
+        model (the budget fits use it to measure each distinct plan once)."""
+        return tuple(c.candidate.spec() for c in self.choices)
+
+    @property
     def macs_fraction(self) -> float:
         return self.macs_after / self.macs_before if self.macs_before else 1.0
 

@@ -306,7 +306,7 @@ def fit_latency(prepared: PreparedBudget, original: nn.Module, gm: torch.fx.Grap
                 accepted = (plan, None)
             break
         predicted = plan.latency_fraction if plan.latency_fraction is not None else fraction
-        signature = tuple(c.candidate.spec() for c in plan.choices)
+        signature = plan.signature
         if signature not in seen:  # a plan measured before (same choices) is not timed again
             timing = measure(plan)
             seen[signature] = timing.ratio
@@ -378,7 +378,7 @@ def _refine(prepared: PreparedBudget, accepted: tuple[BudgetPlan, ModelTiming | 
             plan = prepared.plan(dataclasses.replace(target, latency=mid), method=method, objective=objective)
         except BudgetInfeasible:
             break
-        signature = tuple(c.candidate.spec() for c in plan.choices)
+        signature = plan.signature
         if signature in seen:  # the same choices as a plan measured before: move the bracket without timing
             lo, hi = (mid, hi) if seen[signature] <= bound else (lo, mid)
             continue
