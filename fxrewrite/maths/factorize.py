@@ -153,10 +153,11 @@ def group_matrices(weight: Tensor, source_groups: int, groups: int) -> Tensor:
     big_g, g = source_groups, groups
     per_block = g // big_g  # input groups per source block
     c = in_ch // g
-    w = weight.detach().to(torch.float64)
-    # (G, O/G, g/G, c, K) -> (G, g/G, O/G, c, K) -> (g, O/G, c*K); input group i = b*(g/G) + l
-    w = w.reshape(big_g, out_ch // big_g, per_block, c, k).permute(0, 2, 1, 3, 4)
-    return w.reshape(g, out_ch // big_g, c * k)
+    # (G, O/G, g/G, c, K) -> (G, g/G, O/G, c, K) -> (g, O/G, c*K); input group i = b*(g/G) + l. One strided copy
+    # that also widens to float64 gives a contiguous batch (a permuted view would be copied again by every bmm).
+    w = weight.detach().reshape(big_g, out_ch // big_g, per_block, c, k).permute(0, 2, 1, 3, 4)
+    out = torch.empty((big_g, per_block, out_ch // big_g, c, k), dtype=torch.float64, device=weight.device)
+    return out.copy_(w).view(g, out_ch // big_g, c * k)
 
 
 def _low_rank(a: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
