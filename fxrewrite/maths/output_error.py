@@ -25,7 +25,7 @@ in chunks of columns, without forming any ``d x d`` matrix (memory ``O(d l)`` pl
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -240,32 +240,15 @@ def tucker2_output_errors(stats: SiteStats, u: Tensor, v: Tensor, ranks: Sequenc
 
 # ---------------------------------------------------------------- factor forms (G = F F^T, no d x d matrix formed)
 
-def _slice_factors(a: Tensor, dtype: torch.dtype = torch.float64, gram: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``(left, right)`` with ``a[x] = left[x] @ right[x]^T`` column by column in descending singular value
-    (``q`` slices ``m x c`` -> ``q x m x k``, ``q x c x k``, ``k = min(m, c)``), by the eigendecompositions
-    ``separable_output_errors`` uses (float64; ``gram``: the slices' ``m x m`` Grams when ``c > m``, if known); the
-    factor derived from the eigenvectors is computed in ``dtype``."""
-    m, c = a.shape[-2:]
-    a = a.contiguous()
-    if c <= m:
-        with factorize.one_thread():  # batched eigh: threads only synchronise
-            right = torch.linalg.eigh(a.mT @ a).eigenvectors.flip(-1)  # (q, c, c)
-        return a.to(dtype) @ right.to(dtype), right
-    with factorize.one_thread():
-        left = torch.linalg.eigh(a @ a.mT if gram is None else gram).eigenvectors.flip(-1)  # (q, m, m)
-    return left, a.to(dtype).mT @ left.to(dtype)
-
-
 def _wide_grams(stats: SiteStats, b: int, q: int) -> Tensor | None:
     """The ``m x m`` Grams of source group ``b``'s ``q`` slices (``m < d / q``) as sums of those of the finest
     slicing into whole input channels that is still wider than ``m`` (computed once per site and cached: resnet's
     512-channel 3x3 convs split into 1, 2, 4, 8 slices form one set of 8 Grams instead of four sets); None when the
     taps are unknown."""
-    m, d = stats.weight.shape[1:]
-    if stats.taps <= 0 or d % stats.taps:
+    finest = _finest_wide(stats, q)
+    if finest is None:
         return None
-    channels = d // stats.taps  # the finest slicing keeps whole channels and at most the weight's numbers
-    finest = max(f for f in range(q, channels + 1, q) if (channels % f == 0 and d // f > m) or f == q)
+    m, d = stats.weight.shape[1:]
     key = f"slice_grams{b}:{finest}"
     if key not in stats._cache:
         a = stats.weight[b].reshape(m, finest, d // finest).transpose(0, 1)
@@ -273,62 +256,162 @@ def _wide_grams(stats: SiteStats, b: int, q: int) -> Tensor | None:
     return stats._cache[key].reshape(q, finest // q, m, m).sum(dim=1)
 
 
+def _finest_wide(stats: SiteStats, q: int) -> int | None:
+    """The finest slicing into whole input channels that ``q`` slices are sums of and whose slices are still wider
+    than the ``m`` outputs (``q`` itself at the least); None when the taps are unknown."""
+    m, d = stats.weight.shape[1:]
+    if stats.taps <= 0 or d % stats.taps:
+        return None
+    channels = d // stats.taps  # the finest slicing keeps whole channels and at most the weight's numbers
+    return max(f for f in range(q, channels + 1, q) if (channels % f == 0 and d // f > m) or f == q)
+
+
+def _tall_grams(stats: SiteStats, b: int, q: int) -> Tensor:
+    """The ``c x c`` Grams ``A_x^T A_x`` (float64) of source group ``b``'s ``q`` slices (``c = d / q <= m``): diagonal
+    blocks of those of the coarsest tall slicing formed so far (cached per site), or formed here."""
+    m, d = stats.weight.shape[1:]
+    c = d // q
+    coarser = sorted((int(k.split(":")[1]), v) for k, v in stats._cache.items() if k.startswith(f"tall_grams{b}:"))
+    for p, grams in coarser:
+        if q % p == 0:
+            s = q // p  # each of the p Grams (d/p square) holds s diagonal blocks of c x c
+            blocks = torch.diagonal(grams.reshape(p, s, c, s, c), dim1=1, dim2=3)  # (p, c, c, s)
+            return blocks.permute(0, 3, 1, 2).reshape(q, c, c)
+    at = stats.weight[b].mT.reshape(q, c, m)  # A_x^T, a view
+    stats._cache[f"tall_grams{b}:{q}"] = grams = at @ at.mT
+    return grams
+
+
+def _cached(stats: SiteStats, key: str, make: Callable[[], Tensor]) -> Tensor:
+    """``make()``, kept in ``stats``' cache while the tensors kept this way take at most an eighth of the memory
+    cap (the factor in the formulas' dtype and the slices' outputs on it, shared by every group count)."""
+    if key in stats._cache:
+        return stats._cache[key]
+    value = make()
+    kept = sum(t.numel() * t.element_size() for k, t in stats._cache.items() if k.startswith("chunk:"))
+    if kept + value.numel() * value.element_size() <= stats.memory_cap // 8:
+        stats._cache[key] = value
+    return value
+
+
+def _weight_t(stats: SiteStats, b: int, dtype: torch.dtype) -> Tensor:
+    """``W_b^T`` (``d x m``, contiguous, in ``dtype``; cached): slice ``x``'s ``A_x^T`` is a row block of it."""
+    return _cached(stats, f"chunk:wt{b}:{dtype}", lambda: stats.weight[b].mT.to(dtype).contiguous())
+
+
+def _factor_chunks(stats: SiteStats, b: int, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
+    """``(key, F_b)`` for each chunk of the factor's columns (``d x n``, in ``dtype``, cached): the same chunks for
+    every group count and form (the largest temporaries hold at most ``d`` numbers per column), so what is cached
+    per chunk is reused."""
+    assert stats.factor is not None
+    lo = 0
+    for f in stats.factor_chunks(stats.weight.shape[-1] + stats.weight.shape[-2]):
+        key, lo = f"{b}:{lo}:{lo + f.shape[-1]}:{dtype}", lo + f.shape[-1]
+        yield key, _cached(stats, f"chunk:f{key}", lambda f=f: f[b].to(dtype))
+
+
+def _slice_outputs(stats: SiteStats, b: int, key: str, f_b: Tensor, finest: int) -> Tensor:
+    """``Y_x = A_x F_x`` (``finest x m x n``) for the ``finest`` slices of source group ``b`` on the chunk ``f_b``
+    (cached): coarser slicings' outputs are sums of these, the whole output ``W F`` their total."""
+    m, d = stats.weight.shape[1:]
+    wt = _weight_t(stats, b, f_b.dtype)
+    return _cached(stats, f"chunk:y{key}:{finest}",
+                   lambda: wt.view(finest, d // finest, m).mT @ f_b.view(finest, d // finest, -1))
+
+
 def _separable_factor(stats: SiteStats, groups: int) -> np.ndarray:
     """``separable_output_errors`` from the factor: the discarded change of rank ``r`` maps ``F`` to
-    ``D_r = sum_{j >= r} M_j`` with ``M_j = sum_x left_xj (right_xj^T F_x)`` (``m x l``), so ``tail[r] = ||D_r||^2``,
-    accumulated from ``j = k - 1`` down in one ``m x l`` buffer per chunk of columns: ``O(m d l)`` per group count
-    (no ``k x k`` matrix of inner products, no ``k x m x l`` tensor). With one slice per source group the ``M_j`` are
-    orthogonal and ``tail`` is a suffix sum of their squared norms."""
+    ``D_r = sum_{j >= r} M_j`` with ``M_j = sum_x left_xj (right_xj^T F_x)`` (``m x l``), so ``tail[r] = ||D_r||^2``
+    (``_tail_norms``: no ``k x k`` matrix of all inner products, no ``k x m x l`` tensor). Wide slices (``c > m``):
+    ``left = U`` (orthonormal) and ``right_x^T F_x = U_x^T Y_x`` with ``Y_x = A_x F_x`` the slice's output, formed once
+    per site at the finest whole-channel slicing and summed for coarser ones (``A^T U`` is never formed). Tall slices:
+    ``right = V``, ``left = A V``, with the ``c x c`` Grams shared as diagonal blocks between group counts. With one
+    slice per source group the ``M_j`` are orthogonal and ``tail`` is a suffix sum of their squared norms."""
     assert stats.factor is not None
     big_g, m, d = stats.weight.shape
     q = groups // big_g
     c = d // q
     k = min(m, c)
-    tail = torch.zeros(k + 1, dtype=torch.float64)
+    norms = torch.zeros(k, dtype=torch.float64)  # ascending eigenvalue order: norms[t] = tail[k - 1 - t]
     dtype = torch.float32 if d >= _FP32_FROM else torch.float64  # as SiteStats.compute
     for b in range(big_g):
-        grams = _wide_grams(stats, b, q) if c > m else None
-        left, right = _slice_factors(stats.weight[b].reshape(m, q, c).transpose(0, 1), dtype, grams)
-        right_t = right.mT.contiguous().to(dtype)  # (q, k, c)
-        if q == 1:  # orthogonal columns of left: ||sum_{j >= r} M_j||^2 = sum_{j >= r} ||left_j||^2 ||p_j||^2
-            scale = left[0].square().sum(dim=0, dtype=torch.float64)  # (k,)
-            for f in stats.factor_chunks(2 * k + c):
-                p = right_t[0] @ f[b].to(dtype)  # (k, n)
-                norms = p.square().sum(dim=-1, dtype=torch.float64)
-                tail[:k] += (scale * norms).flip(0).cumsum(0).flip(0)
-            continue
-        left_t = left.permute(2, 1, 0).contiguous().to(dtype)  # (k, m, q)
-        for f in stats.factor_chunks(q * k + 2 * m):
-            p = (right_t @ f[b].to(dtype).reshape(q, c, -1)).transpose(0, 1).contiguous()  # (k, q, n)
-            acc = torch.zeros(m, p.shape[-1], dtype=dtype)
-            flat, squares = acc.view(-1), torch.empty(acc.numel(), dtype=dtype)
-            norms = torch.zeros(k, dtype=dtype)
-            with factorize.one_thread():  # k small GEMMs: threads would only synchronise (8x slower on 2 busy cores)
-                for r in range(k - 1, -1, -1):  # D_r = D_{r+1} + M_r, one small GEMM each: the buffer stays in cache
-                    acc.addmm_(left_t[r], p[r])
-                    torch.sum(torch.mul(flat, flat, out=squares), 0, out=norms[r])  # cascade sum: ~1e-7 relative
-            tail[:k] += norms.to(torch.float64)
+        finest = 0
+        if c > m:  # wide: left vectors U of the m x m slice Grams
+            grams = _wide_grams(stats, b, q)
+            if grams is None:
+                a = stats.weight[b].mT.reshape(q, c, m).mT
+                grams = a @ a.mT
+            else:
+                finest = _finest_wide(stats, q) or 0
+            with factorize.one_thread():  # batched eigh: threads only synchronise
+                left = torch.linalg.eigh(grams).eigenvectors.to(dtype)  # (q, m, m), ascending
+            right_t = left.mT
+        else:  # tall: right vectors V of the c x c slice Grams, left = A V
+            with factorize.one_thread():
+                right = torch.linalg.eigh(_tall_grams(stats, b, q)).eigenvectors.to(dtype)  # (q, c, c), ascending
+            right_t = right.mT
+            left = (right_t @ _weight_t(stats, b, dtype).view(q, c, m)).mT  # (q, m, c): A_x V_x
+        scale = left.square().sum(dim=1, dtype=torch.float64) if q == 1 else None  # (1, k): orthogonal columns
+        for key, f_b in _factor_chunks(stats, b, dtype):
+            if finest:  # p_x = U_x^T (A_x F_x), from the outputs of the finest slices
+                y = _slice_outputs(stats, b, key, f_b, finest)
+                p = right_t @ (y.reshape(q, finest // q, m, -1).sum(dim=1) if finest != q else y)  # (q, k, n)
+            elif c > m:
+                p = right_t @ (_weight_t(stats, b, dtype).view(q, c, m).mT @ f_b.view(q, c, -1))
+            else:
+                p = right_t @ f_b.view(q, c, -1)  # (q, k, n)
+            if scale is not None:
+                norms += (scale[0] * p[0].square().sum(dim=-1, dtype=torch.float64)).cumsum(0)
+            else:
+                norms += _tail_norms(left, p)
+    tail = torch.cat([norms.flip(0), norms.new_zeros(1)])
     return _relative(tail.numpy(), stats.energy)
 
 
+def _tail_norms(left: Tensor, p: Tensor) -> Tensor:
+    """``out[t] = ||sum_{s <= t} M_s||^2`` (float64, ``(k,)``) for ``M_s = sum_x left[x, :, s] p[x, s, :]^T``
+    (``left`` ``q x m x k``, ``p`` ``q x k x n``): one ``m x n`` buffer updated rank by rank (one small GEMM each:
+    the buffer stays in cache) and its squared norm taken by a BLAS dot. (Blocks of ranks whose inner products come
+    from larger GEMMs measured no faster on resnet18's 256- and 512-channel convs: they double the multiply-adds.)"""
+    m, k = left.shape[1:]
+    lt = left.permute(2, 1, 0).contiguous()  # (k, m, q)
+    pt = p.transpose(0, 1).contiguous()  # (k, q, n)
+    acc = torch.zeros(m, p.shape[-1], dtype=p.dtype)
+    flat = acc.view(-1)
+    out = torch.empty(k, dtype=p.dtype)
+    with factorize.one_thread():  # k small GEMMs: threads would only synchronise (8x slower on 2 busy cores)
+        for s in range(k):
+            acc.addmm_(lt[s], pt[s])
+            torch.dot(flat, flat, out=out[s])
+    return out.to(torch.float64)
+
+
 def _grouped_factor(stats: SiteStats, groups: int) -> float:
-    """``grouped_output_error`` from the factor: ``||W F - blockdiag(W) F||^2``, with ``W F`` computed once per
-    site while it takes at most an eighth of the memory cap (then it is kept for the next group count)."""
+    """``grouped_output_error`` from the factor: ``||W F - blockdiag(W) F||^2``. Where ``groups`` divides the finest
+    wide slicing both terms are read off the slices' outputs (``_slice_outputs``, shared with the separable form);
+    otherwise ``W F`` is cached per chunk and the kept blocks are multiplied out."""
     assert stats.factor is not None
     big_g, m, d = stats.weight.shape
     q = groups // big_g
     mo, dc = m // q, d // q
-    blocks = torch.diagonal(stats.weight.reshape(big_g, q, mo, q, dc), dim1=1, dim2=3).permute(0, 3, 1, 2)
+    dtype = torch.float32 if d >= _FP32_FROM else torch.float64  # as SiteStats.compute
+    finest = _finest_wide(stats, 1) or 1  # the outputs of these slices are shared with the separable form
     q_err = 0.0
-    cache = stats.weight.numel() // d * stats.factor.shape[-1] * 8 <= stats.memory_cap // 8  # W F is small
-    for i, f in enumerate(stats.factor_chunks(3 * m * big_g)):
-        full = stats._cache.get(f"wf{i}")
-        if full is None:
-            full = stats.weight @ f
-            if cache:
-                stats._cache[f"wf{i}"] = full
-        kept = (blocks @ f.reshape(big_g, q, dc, -1)).reshape(big_g, m, -1)
-        q_err += float((full - kept).square().sum())
+    for b in range(big_g):
+        wt = _weight_t(stats, b, dtype)
+        for key, f_b in _factor_chunks(stats, b, dtype):
+            y = _slice_outputs(stats, b, key, f_b, finest) if finest > 1 else None
+            if y is None:
+                full = _cached(stats, f"chunk:wf{key}", lambda wt=wt, f_b=f_b: wt.mT @ f_b)
+            else:
+                full = _cached(stats, f"chunk:wf{key}", lambda y=y: y.sum(dim=0))
+            if y is not None and finest % q == 0:
+                yq = y.reshape(q, finest // q, m, -1).sum(dim=1) if finest != q else y  # (q, m, n)
+                kept = torch.diagonal(yq.reshape(q, q, mo, -1), dim1=0, dim2=1).permute(2, 0, 1)  # (q, mo, n)
+            else:
+                blocks = torch.diagonal(wt.view(q, dc, q, mo), dim1=0, dim2=2).permute(2, 0, 1).contiguous()
+                kept = blocks.mT @ f_b.view(q, dc, -1)  # (q, mo, n): the diagonal blocks' outputs
+            q_err += float((full.view(q, mo, -1) - kept).square().sum(dtype=torch.float64))
     return _relative(q_err, stats.energy)
 
 

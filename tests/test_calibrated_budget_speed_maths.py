@@ -1,0 +1,65 @@
+"""The calibrated budget's shared computations (issue 15: resnet18 at 224 with 8 images in at most 10 s) give the
+errors of the built factorisations: on the kept columns, the wide group counts' slice outputs ``Y_x = A_x F_x`` are
+formed once at the finest whole-channel slicing and summed (``U^T Y`` instead of ``(A^T U)^T F``), the tall group
+counts' ``c x c`` Grams are diagonal blocks of the coarsest one's, the grouped form reads its blocks off the same slice
+outputs; all of it in float32 from 1024 columns on, as the dense path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from error_oracle import check_errors
+from torch import nn
+
+from fxrewrite.budget.calibration import collect_site_stats
+from fxrewrite.graph.capture import trace
+from fxrewrite.graph.shapes import propagate_shapes
+from fxrewrite.graph.sites import find_sites
+from fxrewrite.maths.output_error import SiteStats, grouped_output_error, separable_output_errors
+
+
+def _stats(conv: nn.Conv2d, batches: list[tuple[torch.Tensor]]) -> Any:
+    gm = trace(nn.Sequential(conv).eval())
+    propagate_shapes(gm, batches[0])
+    (_, stats), = collect_site_stats(gm, find_sites(gm), batches)
+    return stats
+
+
+@pytest.mark.parametrize(("source_groups", "finest"), [(1, 8), (2, 16)])
+def test_float32_column_errors_are_the_measured_ones(source_groups: int, finest: int) -> None:
+    """d = 1152 columns per source group (float32 formulas), 50 kept columns: wide group counts (slices wider than
+    the 96 / source_groups outputs: from the outputs of the finest such slicing, 8 or 16 slices), tall ones and the
+    grouped form equal the measured output errors of the built weights."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(128 * source_groups, 96, 3, padding=1, groups=source_groups, bias=True).eval()
+    batches = [(torch.randn(2, 128 * source_groups, 5, 5),)]
+    stats = _stats(conv, batches)
+    assert stats.method == "columns" and stats.weight.shape[-1] == 1152
+    levels = [g * source_groups for g in (1, 2, 4, 8, 16, 32, 128)]
+    check_errors(stats, conv, batches, source_groups, levels, lambda g: (1, 3, 7), (), separable_rel=2e-5)
+    assert [k for k in stats._cache if k.startswith("chunk:y")] == [f"chunk:y{b}:0:50:torch.float32:{finest}"
+                                                                   for b in range(source_groups)]
+
+
+def test_group_counts_in_any_order_give_the_same_errors() -> None:
+    """The shared Grams and slice outputs do not depend on which group count came first (the tall Grams of 16 slices
+    hold those of 32 and 64 as diagonal blocks; 64 first forms its own)."""
+    torch.manual_seed(1)
+    x = torch.randn(1, 576, 120, dtype=torch.float64)
+    w = torch.randn(1, 48, 576, dtype=torch.float64)
+    energy = float((w @ x).square().sum())
+    orders = [(1, 2, 4, 8, 16, 32, 64), (64, 32, 16, 8, 4, 2, 1)]
+    results = []
+    for order in orders:
+        stats = SiteStats(None, w, energy, 120, factor=x, method="columns", taps=9)
+        results.append({g: (separable_output_errors(stats, g), grouped_output_error(stats, g) if 48 % g == 0 else 0.0)
+                        for g in order})
+    for g in orders[0]:
+        np.testing.assert_allclose(results[0][g][0], results[1][g][0], rtol=1e-10, atol=1e-13)
+        assert results[0][g][1] == pytest.approx(results[1][g][1], rel=1e-10)
+    dense = SiteStats(x @ x.mT, w, energy, 120)
+    for g in orders[0]:
+        np.testing.assert_allclose(results[0][g][0], separable_output_errors(dense, g), rtol=1e-9, atol=1e-12)
