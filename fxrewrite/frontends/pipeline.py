@@ -30,6 +30,7 @@ from fxrewrite.graph.capture import (
     graph_module_over,
     trace,
 )
+from fxrewrite.graph.ownership import SharedTensors
 from fxrewrite.graph.select import Rule, parse_rules, resolve
 from fxrewrite.graph.shapes import propagate_shapes
 from fxrewrite.graph.site_nodes import nonfinite_weights, site_groups
@@ -83,10 +84,13 @@ class _Prepared:
 
 def _prepare(model: nn.Module, example_inputs: Any, passes: PassesArg, select: Any,
              concrete_args: Mapping[str, Any] | None, leaf_modules: Iterable[LeafSpec],
-             autowrap_functions: Iterable[Callable[..., Any]], drop_hooks: bool, budget: bool = False) -> _Prepared:
+             autowrap_functions: Iterable[Callable[..., Any]], drop_hooks: bool, budget: bool = False,
+             shared: SharedTensors | None = None) -> _Prepared:
     """Parse the options, trace a copy of ``model`` and propagate shapes. Every configuration error (the pipeline,
     the selectors, the capture options, the example inputs, rules that match no site, what each pass refuses) is
-    raised together in one ``ConfigError`` before any pass runs."""
+    raised together in one ``ConfigError`` before any pass runs. With ``shared``, the copy's convolutions keep
+    ``model``'s own weights (a pass only reads those it replaces; ``shared.own`` copies the rest later) and every
+    other tensor is copied at once."""
     check_traceable_type(model)
     errors: list[ConfigError] = []
     pipeline = _collect(errors, as_passes, passes) or []
@@ -101,7 +105,11 @@ def _prepare(model: nn.Module, example_inputs: Any, passes: PassesArg, select: A
                       or (isinstance(s, type) and issubclass(s, nn.Module))]
     gm = None
     try:
-        gm = trace(model, concrete_args=concrete_args, leaf_modules=leaf_specs, autowrap_functions=autowrap_functions)
+        gm = trace(model, concrete_args=concrete_args, leaf_modules=leaf_specs, autowrap_functions=autowrap_functions,
+                   share_tensors=shared)
+        if shared is not None:
+            shared.own(gm, keep={str(n.target) for n in gm.graph.find_nodes(op="call_module")
+                                 if isinstance(gm.get_submodule(str(n.target)), nn.Conv2d)})
     except ConfigError as exc:
         errors.append(exc)
     except FxRewriteError:
@@ -254,8 +262,10 @@ def _rewrite_graph(model: nn.Module, example_inputs: Any, passes: PassesArg, sel
     from fxrewrite.passes import PassManager
     if verify not in (True, False, "shapes"):
         raise ConfigError(f"verify must be True, False or 'shapes', got {verify!r}")
+    # A budget builds and measures many plans from the capture: it gets a whole copy up front.
+    shared = SharedTensors(model) if target is None and isinstance(model, nn.Module) else None
     prep = _prepare(model, example_inputs, passes, select, concrete_args, leaf_modules, autowrap_functions,
-                    drop_hooks, budget=target is not None)
+                    drop_hooks, budget=target is not None, shared=shared)
     pipeline, gm, inputs = prep.pipeline, prep.gm, prep.inputs
     if calibration is not None:
         check_reiterable(calibration)
@@ -280,6 +290,8 @@ def _rewrite_graph(model: nn.Module, example_inputs: Any, passes: PassesArg, sel
             result = budget_plan.apply(gm)
     else:
         result = PassManager(pipeline, prep.rules, drop_hooks=drop_hooks)(gm)
+    if shared is not None:  # what no pass replaced, and a bias a replacement reuses, gets its own copy now
+        shared.own(result.graph_module)
     repaired = None
     if calibration is not None:
         from fxrewrite.tuning.repair import repair

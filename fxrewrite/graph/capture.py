@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from fxrewrite.errors import ConfigError, TraceFailure
+from fxrewrite.graph.ownership import SharedTensors
 
 # Trailing separators: "site-packages/torch" must not swallow "site-packages/torchvision" (a model library whose
 # frames are the ones to show).
@@ -100,12 +101,16 @@ def check_capture_options(model: nn.Module, concrete_args: Mapping[str, Any] | N
 
 def trace(model: nn.Module, *, concrete_args: Mapping[str, Any] | None = None,
           leaf_modules: Iterable[LeafSpec] = (),
-          autowrap_functions: Iterable[Callable[..., Any]] = ()) -> torch.fx.GraphModule:
+          autowrap_functions: Iterable[Callable[..., Any]] = (),
+          share_tensors: SharedTensors | None = None) -> torch.fx.GraphModule:
     """Trace a deep copy of ``model`` into a GraphModule; the user's model is never mutated.
 
     ``concrete_args`` fixes non-tensor forward arguments (flags); ``leaf_modules`` (qualified names or module types)
     are kept as opaque calls (their inner convolutions are then not visible); ``autowrap_functions`` are recorded as
     calls instead of being traced (``len``-using helpers). An existing GraphModule is deep-copied as is.
+    ``share_tensors`` (``graph.ownership.SharedTensors(model)``) copies the modules but not their parameters and
+    buffers, which stay ``model``'s own: the caller must give the copy its own (``share_tensors.own``) before
+    anything may change one in place, and before handing the copy out.
 
     >>> import torch
     >>> gm = trace(torch.nn.Conv2d(3, 8, 3))
@@ -114,7 +119,7 @@ def trace(model: nn.Module, *, concrete_args: Mapping[str, Any] | None = None,
     """
     check_traceable_type(model)
     try:
-        copied = copy.deepcopy(model)
+        copied = copy.deepcopy(model, share_tensors.memo() if share_tensors is not None else None)
     except Exception as exc:
         raise TraceFailure(
             f"cannot deep-copy {type(model).__name__} ({type(exc).__name__}: {exc}); fxrewrite never edits the "

@@ -1,0 +1,60 @@
+"""Tensors a rewrite shares with the user's model until it owns them.
+
+``rewrite`` traces a copy of the model whose modules are new objects but whose parameters and buffers are, at first,
+the model's own (``capture.trace(share_tensors=...)``): the weights of the convolutions a pass replaces are only
+read and then dropped, so copying them (half the bytes of a ResNet, in freshly faulted pages) is wasted work. Every
+other tensor is given its own copy before anything can change it in place, and whatever is still shared after the
+passes (a conv no pass replaced, a bias a replacement reuses) is copied then: the returned module never shares a
+tensor with the user's model.
+
+>>> import copy, torch
+>>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+>>> shared = SharedTensors(model)
+>>> twin = copy.deepcopy(model, shared.memo())
+>>> twin[0].weight is model[0].weight, twin[1].running_mean is model[1].running_mean
+(True, True)
+>>> shared.own(twin, keep={"0"})  # the batch norm's weight, bias and three statistics
+5
+>>> twin[0].weight is model[0].weight, twin[1].running_mean is model[1].running_mean
+(True, False)
+>>> shared.own(twin), twin[0].weight is model[0].weight, torch.equal(twin[0].weight, model[0].weight)
+(2, False, True)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Collection
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["SharedTensors"]
+
+
+class SharedTensors:
+    """The parameters and buffers of a model that a copy of it may share, and the copies made so far (tensors tied
+    to each other stay tied: one copy each, whichever call makes it)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._originals: dict[int, torch.Tensor] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+        self._copies: dict[int, Any] = {}
+
+    def memo(self) -> dict[int, Any]:
+        """A ``copy.deepcopy`` memo under which a copy of the model shares every parameter and buffer with it."""
+        return dict(self._originals)
+
+    def own(self, module: nn.Module, keep: Collection[str] = ()) -> int:
+        """Give ``module`` its own copy of every tensor it still shares with the model, except those held directly
+        by the submodules named in ``keep``; returns how many tensors were copied by this call."""
+        count = 0
+        for qualname, sub in module.named_modules():
+            if qualname in keep:
+                continue
+            for store in (sub._parameters, sub._buffers):
+                for name, t in store.items():
+                    if isinstance(t, torch.Tensor) and self._originals.get(id(t)) is t:
+                        count += id(t) not in self._copies
+                        store[name] = copy.deepcopy(t, self._copies)
+        return count

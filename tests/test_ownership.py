@@ -1,0 +1,107 @@
+"""The rewritten module owns every tensor: ``rewrite`` shares the weights of the convs a pass replaces with the
+user's model only while the pass reads them (``graph.ownership``), and nothing of the returned module is the user's:
+training it, or the repair on calibration data, can never reach the input model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fxrewrite
+from fxrewrite.graph.ownership import SharedTensors
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PIPELINES = ("depthwise-separable{rank=1}", "depthwise-separable{rank=exact}", "grouped{groups=2}",
+             "grouped{groups=4, permute=true}", "grouped{groups=2},channel-shuffle{rule=all}",
+             "grouped-separable{groups=2, rank=2}")
+
+
+def _storages(module: nn.Module) -> dict[int, str]:
+    tensors = (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False))
+    return {t.untyped_storage().data_ptr(): name for name, t in tensors if t.numel()}
+
+
+class Tied(nn.Module):
+    """Two convs with one weight (no pass unties them), a conv a pass rewrites, a 1x1 conv a separable pass leaves,
+    and two linear layers with one weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.b.weight = self.a.weight
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+        self.point = nn.Conv2d(8, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc1 = nn.Linear(8, 8)
+        self.fc2 = nn.Linear(8, 8)
+        self.fc2.weight = self.fc1.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.point(self.c(self.b(torch.relu(self.a(x))))))
+        return self.fc2(self.fc1(y.mean((2, 3))))
+
+
+@pytest.mark.parametrize("passes", PIPELINES)
+def test_rewritten_resnet_shares_no_storage_with_the_input(passes: str) -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(1, 3, 32, 32)
+    result = fxrewrite.rewrite(model, (x,), passes=passes)
+    assert result.ok, result.verification
+    assert any(r.status == "rewritten" for r in result.report.records)
+    shared = set(_storages(result.module)) & set(_storages(model))
+    assert not shared, [_storages(result.module)[p] for p in shared]
+    with torch.no_grad():  # changing every tensor of the result leaves the input as it was
+        for t in (*result.module.parameters(), *result.module.buffers()):
+            t.add_(1)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_ties_survive_and_unreplaced_convs_are_copied() -> None:
+    torch.manual_seed(0)
+    model = Tied().eval()
+    result = fxrewrite.rewrite(model, (torch.randn(2, 8, 6, 6),), passes="depthwise-separable{rank=exact}")
+    assert [r.site for r in result.report.records if r.status == "rewritten"] == ["c"]
+    new = result.module
+    # tied tensors are one new tensor each: the linear weights (copied at once) and the conv weights (kept shared
+    # while the passes ran, since convs are what passes replace, and copied after)
+    assert new.fc1.weight is new.fc2.weight and new.fc1.weight is not model.fc1.weight
+    assert new.a.weight is new.b.weight and new.a.weight is not model.a.weight
+    assert torch.equal(new.a.weight, model.a.weight)
+    assert new.point.weight is not model.point.weight and torch.equal(new.point.weight, model.point.weight)
+    assert not set(_storages(new)) & set(_storages(model))
+    x = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(new(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_training_the_rewrite_leaves_the_input_alone() -> None:
+    torch.manual_seed(0)
+    model = Tied().train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    result = fxrewrite.rewrite(model, (torch.randn(4, 8, 6, 6),), passes="grouped{groups=2}", verify=False)
+    optimiser = torch.optim.SGD(result.module.parameters(), lr=0.1)
+    for _ in range(3):
+        optimiser.zero_grad()
+        result.module(torch.randn(4, 8, 6, 6)).square().mean().backward()
+        optimiser.step()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_shared_tensors_copies_each_tensor_once_and_keeps_what_it_is_told() -> None:
+    model = Tied()
+    shared = SharedTensors(model)
+    twin = copy.deepcopy(model, shared.memo())
+    assert twin.a is not model.a and twin.a.weight is model.a.weight
+    # a and b hold one weight: keeping "a" still copies it for "b"; the second call gives "a" that same copy
+    first = shared.own(twin, keep={"a"})
+    assert twin.a.weight is model.a.weight and twin.b.weight is not model.a.weight
+    assert shared.own(twin) == 1 and twin.a.weight is twin.b.weight
+    assert first == len({id(t) for t in (*model.parameters(), *model.buffers())}) - 1
+    assert isinstance(twin.fc1.weight, nn.Parameter) and twin.fc1.weight.requires_grad
