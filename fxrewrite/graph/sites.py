@@ -17,6 +17,7 @@ never edited. Each site says, for each rewrite kind, whether it is eligible, and
 from __future__ import annotations
 
 import contextlib
+import math
 import operator
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -75,9 +76,16 @@ class ConvSpec:
         return 1 < self.groups < self.in_channels
 
     def valid_groups(self) -> list[int]:
-        """Group counts g > current groups that a grouped conv of this shape could use (g | I, g | O, groups | g)."""
-        return [g for g in range(self.groups + 1, self.in_channels + 1)
-                if self.in_channels % g == 0 and self.out_channels % g == 0 and g % self.groups == 0]
+        """Group counts g > current groups that a grouped conv of this shape could use (g | I, g | O, groups | g):
+        the divisors of gcd(I, O) that are multiples of ``groups``, ascending (found up to the square root).
+
+        >>> ConvSpec(12, 18, (3, 3), (1, 1), (1, 1), (1, 1), 2, False).valid_groups()
+        [6]
+        """
+        common = math.gcd(self.in_channels, self.out_channels)
+        small = [d for d in range(1, math.isqrt(common) + 1) if common % d == 0]
+        divisors = sorted({*small, *(common // d for d in small)})
+        return [g for g in divisors if g > self.groups and g % self.groups == 0]
 
 
 @dataclass(frozen=True)
