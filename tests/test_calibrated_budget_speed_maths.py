@@ -63,3 +63,34 @@ def test_group_counts_in_any_order_give_the_same_errors() -> None:
     dense = SiteStats(x @ x.mT, w, energy, 120)
     for g in orders[0]:
         np.testing.assert_allclose(results[0][g][0], separable_output_errors(dense, g), rtol=1e-9, atol=1e-12)
+
+
+class _CountingList(list):  # type: ignore[type-arg]
+    """A list of batches that counts how often it is read."""
+
+    reads = 0
+
+    def __iter__(self) -> Any:
+        self.reads += 1
+        return super().__iter__()
+
+
+def test_sites_that_keep_their_columns_share_one_pass() -> None:
+    """Two 32 -> 32 3x3 convs under a 2 MiB cap: planned as dense Grams (663 KB each, 3x with the working set) they
+    need one pass over the data each; the data's 32 unfolded columns per site (known from the batches' shapes) are
+    kept themselves (74 KB), so both are collected in one pass (one more read counts the samples), with the same
+    statistics as one site at a time."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1)).eval()
+    data = _CountingList([(torch.randn(1, 32, 4, 4),) for _ in range(2)])
+    gm = trace(model)
+    propagate_shapes(gm, data[0])
+    sites = find_sites(gm)
+    together = list(collect_site_stats(gm, sites, data, max_bytes=2 << 20))
+    assert data.reads == 2 and [s.method for _, s in together] == ["columns", "columns"]
+    for site, stats in together:
+        (_, alone), = collect_site_stats(gm, [site], list(data), max_bytes=2 << 20)
+        assert torch.equal(alone.factor, stats.factor) and alone.energy == stats.energy
+    other_shape = _CountingList([(torch.randn(1, 32, 6, 6),) for _ in range(2)])  # positions unknown: dense plan
+    assert [s.method for _, s in collect_site_stats(gm, sites, other_shape, max_bytes=2 << 20)] == ["columns"] * 2
+    assert other_shape.reads == 4  # the shape check, the check that it can be read again, one pass per site

@@ -29,7 +29,7 @@ from fxrewrite.maths.im2col import im2col
 from fxrewrite.maths.output_error import SiteStats
 from fxrewrite.passes.building import conv_module
 from fxrewrite.util.distributed import all_reduce, is_distributed
-from fxrewrite.util.inputs import calibration_inputs, check_reiterable, to_device
+from fxrewrite.util.inputs import batch_size_of, calibration_inputs, check_reiterable, to_device
 from fxrewrite.util.runtime import device_of, eval_mode
 
 __all__ = ["DEFAULT_MEMORY_CAP", "collect_site_stats", "site_memory"]
@@ -148,19 +148,52 @@ def _add_gram(gram: Tensor, cols: Tensor) -> None:
 _GRAM_CHUNK = 1 << 24  # float32 im2col elements per chunk (64 MiB): bounds the transient memory of a batch
 
 
-def site_memory(spec: Any, cap: int) -> tuple[int, int, int | None]:
+def site_memory(spec: Any, cap: int, columns: int | None = None) -> tuple[int, int, int | None]:
     """``(kept, working, width)`` for a conv ``spec`` under ``cap`` bytes: the bytes its statistics keep, the bytes
     the formulas and the accumulation need on top while it is in use, and the sketch width (None: the dense Gram).
     The dense ``G x d x d`` float64 Gram is used when it and its working set (a float32 and a float64 copy while
     accumulating, the float32 matrices of the error formulas) take at most ``cap``: 3x the Gram; otherwise a
-    column sketch of ``sketch_width(cap, G, d)`` columns (a quarter of the cap) and a working set of half the cap."""
+    column sketch of ``sketch_width(cap, G, d)`` columns (a quarter of the cap) and a working set of half the cap.
+    ``columns``: the unfolded columns the data will give, when known; at most ``d`` of them are kept themselves
+    (``G x d x columns`` float64, working set twice that) instead of the Gram.
+
+    >>> spec = torch.nn.Conv2d(512, 512, 3, device="meta")  # resnet's largest 3x3 conv: a 170 MB Gram
+    >>> [b >> 20 for b in site_memory(spec, 1 << 30)[:2]], [b >> 20 for b in site_memory(spec, 1 << 30, 392)[:2]]
+    ([162, 324], [13, 27])
+    """
     g = spec.groups
     d = spec.in_channels // g * spec.kernel_size[0] * spec.kernel_size[1]
     gram = g * d * d * 8
     if 3 * gram <= cap:
+        if columns is not None and columns <= d and not is_distributed():
+            return g * d * columns * 8, 2 * g * d * columns * 8, None
         return gram, 2 * gram, None
     width = sketch_width(cap, g, d)
     return g * d * width * 8, cap // 2, width
+
+
+def _samples(gm: torch.fx.GraphModule, data: Iterable[Any], input_fn: Callable[[Any], Sequence[Any]] | None
+             ) -> int | None:
+    """The number of samples in ``data`` when it is a sequence of input tuples (or tensors, no ``input_fn``) shaped,
+    beyond the batch dimension, like the inputs ``gm``'s shapes were propagated from (so that every site's output
+    positions per sample are known); None otherwise."""
+    if input_fn is not None or not isinstance(data, Sequence):
+        return None
+    recorded = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    total = 0
+    for item in data:
+        if not isinstance(item, Tensor | tuple | list):
+            return None
+        inputs = calibration_inputs(item)
+        if len(inputs) > len(recorded):
+            return None
+        for x, val in zip(inputs, recorded, strict=False):
+            if isinstance(x, Tensor) != isinstance(val, Tensor):
+                return None
+            if isinstance(x, Tensor) and (x.dim() == 0 or tuple(x.shape[1:]) != tuple(val.shape[1:])):
+                return None
+        total += batch_size_of(inputs)
+    return total
 
 
 def _conv_input(node: torch.fx.Node) -> torch.fx.Node:
@@ -193,8 +226,10 @@ def collect_site_stats(gm: torch.fx.GraphModule, sites: Sequence[ConvSite], data
     chunks: list[list[ConvSite]] = []
     widths: dict[str, int | None] = {}
     size = work = 0
+    samples = _samples(gm, data, input_fn)
     for s in todo:
-        kept, working, widths[s.name] = site_memory(s.spec, cap)
+        positions = math.prod(s.output_shape[2:]) if samples is not None and s.output_shape is not None else None
+        kept, working, widths[s.name] = site_memory(s.spec, cap, None if positions is None else samples * positions)
         if not chunks or size + kept + max(work, working) > cap:
             chunks.append([])
             size = work = 0
