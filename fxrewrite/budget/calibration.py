@@ -129,10 +129,12 @@ class _GramSum:
 
 def _add_gram(gram: Tensor, cols: Tensor) -> None:
     """``gram += cols @ cols^T`` (float64 sums of products in ``cols``' dtype) from the blocks on and above the
-    diagonal only, mirrored: with ``b`` row blocks of at least 256 rows, ``(b + 1) / 2b`` of the full product (5/8 at
-    b = 4), the symmetric rank-k update a BLAS ``syrk`` would do."""
+    diagonal only, mirrored: with ``b`` row blocks of at least 72 rows (at most 8), ``(b + 1) / 2b`` of the full
+    product (9/16 at b = 8), the symmetric rank-k update a BLAS ``syrk`` would do. (One thread, float32 columns:
+    d = 576 and 12,544 columns 72 ms with 2 blocks of 288 rows, 58 ms with 8 of 72; d = 147, 50,176 columns 29 ms
+    in one block, 24 ms in 2.)"""
     d = cols.shape[-2]
-    b = max(1, min(4, d // 256))
+    b = max(1, min(8, d // 72))
     if b == 1:
         gram += (cols @ cols.mT).to(torch.float64)
         return
