@@ -94,34 +94,45 @@ class NodePattern:
 
     def failure(self, node: torch.fx.Node, gm: torch.fx.GraphModule) -> str | None:
         """Why ``node`` does not satisfy this pattern node (None when it does)."""
+        return self._check(node, gm, explain=True)
+
+    def matches(self, node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
+        """Whether ``node`` satisfies this pattern node: :meth:`failure` without writing the reason (what a scan over
+        every node of a graph needs)."""
+        return self._check(node, gm, explain=False) is None
+
+    def _check(self, node: torch.fx.Node, gm: torch.fx.GraphModule, explain: bool) -> str | None:
         if self.op is not None:
             ops = self.op if isinstance(self.op, tuple) else (self.op,)
             if node.op not in ops:
-                return f"{node.name}: op is {node.op}, not {' or '.join(ops)}"
+                return f"{node.name}: op is {node.op}, not {' or '.join(ops)}" if explain else ""
         if self.target is not None:
             targets = self.target if isinstance(self.target, tuple) else (self.target,)
             if not any(node.target is t or node.target == t for t in targets):
-                return f"{node.name}: target is {_target_name(node.target)}, not " + " or ".join(
-                    _target_name(t) for t in targets)
+                return (f"{node.name}: target is {_target_name(node.target)}, not "
+                        + " or ".join(_target_name(t) for t in targets)) if explain else ""
         module = None
         if self.module_type is not None or self.attrs:
             if node.op != "call_module":
-                return f"{node.name}: not a module call (op is {node.op})"
+                return f"{node.name}: not a module call (op is {node.op})" if explain else ""
             module = gm.get_submodule(str(node.target))
         if self.module_type is not None:
             types = self.module_type if isinstance(self.module_type, tuple) else (self.module_type,)
             ok = isinstance(module, types) if self.subclasses else type(module) in types
             if not ok:
                 return (f"{node.name}: module type is {type(module).__name__}, not "
-                        + " or ".join(t.__name__ for t in types) + (" (or a subclass)" if self.subclasses else ""))
+                        + " or ".join(t.__name__ for t in types) + (" (or a subclass)" if self.subclasses else "")
+                        ) if explain else ""
         for key, expected in self.attrs.items():
             actual = getattr(module, key, _MISSING)
             if not _attr_ok(actual, expected):
+                if not explain:
+                    return ""
                 shown = "missing" if actual is _MISSING else repr(actual)
                 wanted = getattr(expected, "__name__", None) if callable(expected) else None
                 return (f"{node.name}: {key}={shown}" + (f" fails {wanted}" if wanted else f", not {expected!r}"))
         if self.where is not None and not self.where(node, gm):
-            return f"{node.name}: predicate {getattr(self.where, '__name__', 'where')} is false"
+            return f"{node.name}: predicate {getattr(self.where, '__name__', 'where')} is false" if explain else ""
         return None
 
 
@@ -202,7 +213,7 @@ class Pattern:
         """Every match in graph order of the anchor (overlapping matches included)."""
         if len(self.nodes) == 1:
             p = self.nodes[0]
-            return [Match(MappingProxyType({p.name: n})) for n in gm.graph.nodes if p.failure(n, gm) is None]
+            return [Match(MappingProxyType({p.name: n})) for n in gm.graph.nodes if p.matches(n, gm)]
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         found: dict[frozenset[tuple[str, torch.fx.Node]], Match] = {}
         for mapping in self._mappings(gm, _data_graph(gm)):
@@ -258,7 +269,7 @@ class _Matcher(DiGraphMatcher):
     def semantic_feasibility(self, G1_node: Any, G2_node: Any) -> bool:  # networkx names the arguments
         key = (G1_node, G2_node)
         if key not in self._ok:
-            self._ok[key] = self.G2.nodes[G2_node]["pattern"].failure(G1_node, self.gm) is None
+            self._ok[key] = self.G2.nodes[G2_node]["pattern"].matches(G1_node, self.gm)
         return self._ok[key]
 
 

@@ -203,7 +203,7 @@ class _FakeProp(FakeTensorProp):
             out = (self._module_shortcut(str(n.target), args, kwargs) if n.op == "call_module"
                    else _function_shortcut(n.target, args, kwargs))
             if out is not None:  # FakeTensorProp's snapshot of the value is a fresh fake of the same metadata
-                n.meta["val"] = _fake_copy(out)
+                n.meta["val"] = out if out is not _first_arg(args) and not _mutated_later(n) else _fake_copy(out)
                 return out
         return super().run_node(n)
 
@@ -216,6 +216,21 @@ class _FakeProp(FakeTensorProp):
         if _preserves_shape(module, args[0]) and _dense(args[0]):
             return _fake_copy(args[0])
         return _conv_shortcut(module, args[0])
+
+
+def _first_arg(args: tuple[Any, ...]) -> Any:
+    return args[0] if args else None
+
+
+def _mutated_later(node: torch.fx.Node) -> bool:
+    """Whether a user of ``node`` may change its value in place (an in-place method or function, ``x.t_()``,
+    ``resize_``): only then does the recorded value need a snapshot of its own."""
+    for user in node.users:
+        if user.op in ("call_method", "call_function"):
+            name = str(user.target) if user.op == "call_method" else getattr(user.target, "__name__", "")
+            if name.endswith("_") and not name.endswith("__"):
+                return True
+    return False
 
 
 def fake_propagate(gm: torch.fx.GraphModule, mode: FakeTensorMode, fake_inputs: Sequence[Any]) -> Any:

@@ -373,8 +373,9 @@ def _mha_macs(gm: torch.fx.GraphModule, node: torch.fx.Node, mod: nn.MultiheadAt
     return proj + 2 * n * tgt * src_eff * e
 
 
-def node_macs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str, int]:
-    """``(kind, macs)`` of one node; kind is one of :data:`KINDS`, ``("other", 0)`` if not counted.
+def node_macs(gm: torch.fx.GraphModule, node: torch.fx.Node, module: nn.Module | None = None) -> tuple[str, int]:
+    """``(kind, macs)`` of one node; kind is one of :data:`KINDS`, ``("other", 0)`` if not counted. ``module``: the
+    module a ``call_module`` node calls, when the caller has it already.
 
     Example:
         >>> import torch
@@ -386,7 +387,7 @@ def node_macs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str, int]:
         [('other', 0), ('linear', 40), ('other', 0)]
     """
     if node.op == "call_module":
-        mod = gm.get_submodule(str(node.target))
+        mod = module if module is not None else gm.get_submodule(str(node.target))
         if isinstance(mod, nn.modules.conv._ConvNd):
             k = tuple(mod.kernel_size)
             if mod.transposed:
@@ -436,8 +437,9 @@ def node_macs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str, int]:
 def _new_params(obj: Any, seen: set[int]) -> int:
     if isinstance(obj, nn.Parameter):
         candidates: Iterable[torch.Tensor] = (obj,)
-    elif isinstance(obj, nn.Module):
-        candidates = obj.parameters(recurse=True)
+    elif isinstance(obj, nn.Module):  # a leaf's own dict, without parameters()' walk of its (empty) tree
+        candidates = obj.parameters(recurse=True) if obj._modules else (
+            p for p in obj._parameters.values() if p is not None)
     else:
         return 0
     total = 0
@@ -480,11 +482,14 @@ def model_cost(gm: torch.fx.GraphModule) -> ModelCost:
     seen: set[int] = set()
     costs: list[NodeCost] = []
     for node in graph_nodes:
-        kind, macs = node_macs(gm, node)
         params = 0
         if node.op == "call_module":
-            params = _new_params(gm.get_submodule(str(node.target)), seen)
-        elif node.op == "get_attr":
+            module = gm.get_submodule(str(node.target))
+            kind, macs = node_macs(gm, node, module)
+            params = _new_params(module, seen)
+        else:
+            kind, macs = node_macs(gm, node)
+        if node.op == "get_attr":
             params = _new_params(_fetch_attr(gm, str(node.target)), seen)
         act = 0 if node.op in _NO_OUTPUT_OPS else _bytes(node.meta.get("val"))
         costs.append(NodeCost(node.name, _target_str(node), kind, params, macs, act))

@@ -19,9 +19,16 @@ from torch import nn
 
 
 def tensors_of(module: nn.Module) -> Iterator[torch.Tensor]:
-    """Every parameter, then every buffer."""
-    yield from module.parameters()
-    yield from module.buffers()
+    """Every parameter, then every buffer, each once (as ``parameters()`` then ``buffers()``, walking the module tree
+    once and building no names)."""
+    modules = list(module.modules())
+    seen: set[int] = set()
+    for store in ("_parameters", "_buffers"):
+        for m in modules:
+            for t in getattr(m, store).values():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    yield t
 
 
 def device_of(module: nn.Module) -> torch.device | None:
