@@ -21,8 +21,10 @@ activation kept; a site with at most ``d`` unfolded columns keeps the columns th
 cheaper to read than the Gram) and ``dW`` the change the form makes. It is exact for the built factorisations, and
 every rank of a group count comes from one small matrix or one sweep over the ranks
 (``fxrewrite.maths.output_error.separable_output_errors``; ``grouped_output_error``, ``tucker2_output_errors``
-likewise). On resnet18 at 224x224 with 8 images the eigendecompositions of the weight slices take the largest share
-(``benchmarks/bench_budget.py``, ``budget_timing``).
+likewise). On resnet18 at 224x224 with 8 images (one thread, about 9 s in all, ``benchmarks/bench_budget.py``,
+``budget_timing``) the float64 eigendecompositions of the weight slices take the largest share (about 3.3 s: 156
+batched ``eigh`` calls, among them 52 matrices of 512 x 512, one set per group count), then the one pass over the data
+with the Grams of layers 1-3 (about 2 s) and the rank sweeps of the output errors (about 1.4 s).
 
 **Latency** (``Target(latency=0.5, backend="eager")``): every site's original conv and every candidate are timed once
 per distinct layer configuration (``fxrewrite.budget.layer_latency``: round-robin median against the original, cached in
