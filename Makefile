@@ -37,7 +37,7 @@ test-zoo: $(STAMP_TEST)
 
 # Benchmarks write benchmarks/results/*.json and *.md; each also runs alone (python -m benchmarks.<name>).
 BENCHMARKS := bench_pass_speed bench_cost_model bench_realised_speed bench_fidelity bench_factorization \
-	bench_latency_budget bench_trained_1d bench_budget bench_shape_propagation
+	bench_latency_budget bench_trained_1d bench_budget bench_shape_propagation bench_rewrite_stages
 
 bench: $(STAMP_TEST)
 	@for b in $(BENCHMARKS); do echo "== $$b" >&2; $(PY) -m benchmarks.$$b || exit 1; done
