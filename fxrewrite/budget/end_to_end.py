@@ -389,13 +389,13 @@ def fit_end_to_end(prepared: PreparedBudget, gm: torch.fx.GraphModule, batches: 
     start = time.perf_counter()
     batches = Sampled(batches, max_samples, input_fn)
     cache: dict[str, Any] = {}
-    built: dict[tuple[str, ...], torch.fx.GraphModule] = {}
+    built: dict[tuple[str, ...], Any] = {}  # signature -> PassResult on a copy of gm
 
     def build(plan: BudgetPlan) -> torch.fx.GraphModule:
         key = plan.signature
         if key not in built:
-            built[key] = plan.apply(copy.deepcopy(gm)).graph_module
-        return built[key]
+            built[key] = plan.apply(copy.deepcopy(gm))
+        return built[key].graph_module
 
     plan = prepared.plan(method=method, objective=objective, buckets=buckets)
     gains: dict[str, float] = {}
@@ -473,7 +473,8 @@ def fit_end_to_end(prepared: PreparedBudget, gm: torch.fx.GraphModule, batches: 
             "max_samples": max_samples, "samples": sum(batch_size_of(calibration_inputs(b, input_fn)) for b in batches),
             "measured_on": "the calibration batches: ||f'(x) - f(x)|| / ||f(x)|| over every output, eval mode"}
     seconds_all = dict(best.seconds) | {"end_to_end": seconds}
-    return dataclasses.replace(best, end_to_end=MappingProxyType(info), seconds=MappingProxyType(seconds_all))
+    return dataclasses.replace(best, end_to_end=MappingProxyType(info), seconds=MappingProxyType(seconds_all),
+                               prebuilt=(best.signature, built[best.signature]))
 
 
 def _submodule(gm: nn.Module, name: str) -> nn.Module | None:

@@ -98,6 +98,17 @@ class BudgetPlan:
     latency_info: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     model_latency: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     end_to_end: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    #: (signature, PassResult): this plan applied to a copy of the graph it was planned on, when planning built it
+    #: already (the end-to-end fit measures its plans on whole models); ``applied`` hands it out instead of
+    #: factorising every site again. Not part of the plan's value (not compared, not printed, not serialised).
+    prebuilt: tuple[tuple[str, ...], Any] | None = field(default=None, compare=False, repr=False)
+
+    def applied(self, gm: torch.fx.GraphModule) -> Any:
+        """The ``PassResult`` of this plan on ``gm``, the graph it was planned on: the one planning already built
+        (``prebuilt``, for these very choices; ``gm`` is then left as it is), or ``apply(gm)``."""
+        if self.prebuilt is not None and self.prebuilt[0] == self.signature:
+            return self.prebuilt[1]
+        return self.apply(gm)
 
     @property
     def predicted_output_error(self) -> float | None:

@@ -287,7 +287,7 @@ def _rewrite_graph(model: nn.Module, example_inputs: Any, passes: PassesArg, sel
             budget_plan = plan_budget(model, gm, inputs, target, forms=forms or DEFAULT_FORMS, select=select,
                                       calibration=calibration, input_fn=options.get("input_fn"),
                                       max_gram_bytes=options.get("memory_cap", 1 << 30))
-            result = budget_plan.apply(gm)
+            result = budget_plan.applied(gm)  # the end-to-end fit has built its plan already
     else:
         result = PassManager(pipeline, prep.rules, drop_hooks=drop_hooks)(gm)
     if shared is not None:  # what no pass replaced, and a bias a replacement reuses, gets its own copy now
