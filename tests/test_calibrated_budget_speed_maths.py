@@ -39,7 +39,7 @@ def test_float32_column_errors_are_the_measured_ones(source_groups: int, finest:
     stats = _stats(conv, batches)
     assert stats.method == "columns" and stats.weight.shape[-1] == 1152
     levels = [g * source_groups for g in (1, 2, 4, 8, 16, 32, 128)]
-    check_errors(stats, conv, batches, source_groups, levels, lambda g: (1, 3, 7), (), separable_rel=2e-5)
+    check_errors(stats, conv, batches, source_groups, levels, lambda g: (1, 7), (), separable_rel=2e-5)
     assert [k for k in stats._cache if k.startswith("chunk:y")] == [f"chunk:y{b}:0:50:torch.float32:{finest}"
                                                                    for b in range(source_groups)]
 
