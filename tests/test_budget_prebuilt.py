@@ -1,10 +1,13 @@
-"""The end-to-end fit hands its chosen plan's built model to ``rewrite`` (``BudgetPlan.prebuilt`` / ``applied``):
-the chosen plan is not factorised a second time, and a plan whose choices changed since is applied afresh."""
+"""The end-to-end fit's built models: the chosen plan's is handed to ``rewrite`` (``BudgetPlan.prebuilt`` /
+``applied``) instead of being factorised a second time, a plan whose choices changed since is applied afresh, and
+no more than the model being measured and the best one so far are alive at once."""
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -70,3 +73,34 @@ def _traced(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
     gm = trace(model)
     propagate_shapes(gm, (example,))
     return gm
+
+
+def test_the_fit_keeps_at_most_the_measured_and_the_best_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fxrewrite.budget import end_to_end
+    from fxrewrite.budget.choose import prepare_budget
+    model = _stack()
+    gen = torch.Generator().manual_seed(2)
+    calib = [(torch.randn(4, 3, 12, 12, generator=gen),) for _ in range(2)]
+    gm = _traced(model, calib[0][0])
+    models: list[weakref.ref[torch.fx.GraphModule]] = []
+    alive: list[int] = []
+    real_apply, real_errors = BudgetPlan.apply, end_to_end.output_errors
+
+    def apply(self: BudgetPlan, graph: torch.fx.GraphModule, **kw: object) -> object:
+        result = real_apply(self, graph, **kw)
+        models.append(weakref.ref(result.graph_module))
+        return result
+
+    def errors(*args: object, **kw: object) -> list[float]:
+        gc.collect()
+        alive.append(sum(r() is not None for r in models))
+        return real_errors(*args, **kw)
+
+    monkeypatch.setattr(BudgetPlan, "apply", apply)
+    monkeypatch.setattr(end_to_end, "output_errors", errors)
+    plan = end_to_end.fit_end_to_end(prepare_budget(gm, Target(macs=0.5), calibration=calib), gm, calib)
+    assert len(models) >= 3 and len(alive) == len(models)  # the first plan, the uniform plans, later rounds
+    assert max(alive) <= 2, alive
+    gc.collect()
+    assert sum(r() is not None for r in models) == 1 and plan.prebuilt is not None
+    assert plan.prebuilt[1].graph_module is next(r() for r in models if r() is not None)

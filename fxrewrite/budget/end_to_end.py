@@ -24,13 +24,16 @@ the median gain.
 ``rank = ceil(rho * exact rank)`` at every considered site, ``grouped{groups=4}`` everywhere), ``rho`` the largest one
 meeting the target; per form the family with the least predicted objective is built and measured with the plan.
 
-**Cost.** Everything runs on the first calibration items holding ``max_samples`` (512) samples: one pass that runs
-the original, the first plan and the uniform plans (the original's outputs are kept for later rounds when small),
-then per further round one forward and ``probes`` backward passes for the gains and one forward of the new plan;
-each plan built is factorised once. Measured on resnet18 at 224x224 with 8 calibration images (random weights, one
-thread, a 2-core machine at load 6.5): 9.7 s of a 31.9 s ``rewrite(..., target=Target(macs=0.5), calibration=...)``
-(the calibration statistics took 17.8 s); alone, 7.6 s: 3.5 s factorising five plans (two budget rounds, three
-uniform), 1.9 s measuring, 1.2 s for the gains, 0.7 s finding the uniform plans.
+**Cost.** Everything runs on the first calibration items holding ``max_samples`` (512) samples: the first plan and the
+uniform plans are built and measured one after the other (one forward each; the original's outputs are kept between
+them when small, otherwise it runs again), then per further round one forward and ``probes`` backward passes for the
+gains and one forward of the new plan; each plan built is factorised once, and the chosen one is handed to ``rewrite``
+(``BudgetPlan.prebuilt``). Memory: the traced original, the model being measured and the best one measured so far,
+plus every measured plan's replacement modules (what the gains run). Measured (when every built plan was kept and the
+chosen one factorised again) on resnet18 at 224x224 with 8 calibration images (random weights, one thread, a 2-core
+machine at load 6.5): 9.7 s of a 31.9 s ``rewrite(..., target=Target(macs=0.5), calibration=...)`` (the calibration
+statistics took 17.8 s); alone, 7.6 s: 3.5 s factorising five plans (two budget rounds, three uniform), 1.9 s
+measuring, 1.2 s for the gains, 0.7 s finding the uniform plans.
 
 >>> import torch
 >>> a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
@@ -389,20 +392,29 @@ def fit_end_to_end(prepared: PreparedBudget, gm: torch.fx.GraphModule, batches: 
     start = time.perf_counter()
     batches = Sampled(batches, max_samples, input_fn)
     cache: dict[str, Any] = {}
-    built: dict[tuple[str, ...], Any] = {}  # signature -> PassResult on a copy of gm
+    # Bounded memory: each plan is built on a copy of gm, measured, and then only its replacement modules are kept
+    # (for the gains); the whole built model only while it is the best measured so far (the winner's is handed to
+    # rewrite). At most gm, the model being measured and the best one are alive at once.
+    replaced: dict[tuple[str, ...], dict[str, nn.Module]] = {}  # signature -> site -> replacement module
+    kept: dict[tuple[str, ...], tuple[tuple[float, bool], Any]] = {}  # signature -> (rank key, PassResult)
 
-    def build(plan: BudgetPlan) -> torch.fx.GraphModule:
-        key = plan.signature
-        if key not in built:
-            built[key] = plan.apply(copy.deepcopy(gm))
-        return built[key].graph_module
+    def measure(plan: BudgetPlan, uniform_plan: bool) -> float:
+        result = plan.apply(copy.deepcopy(gm))
+        error = output_errors(gm, [result.graph_module], batches, input_fn=input_fn, cache=cache)[0]
+        replaced[plan.signature] = {c.site: m for c in plan.changed
+                                    if (m := _submodule(result.graph_module, c.site)) is not None}
+        key = (error, uniform_plan)
+        if all(key <= other for other, _ in kept.values()):  # the best so far (ties kept: the order decides)
+            kept[plan.signature] = (key, result)
+            for sig in [sig for sig, (other, _) in kept.items() if other > key]:
+                del kept[sig]
+        return error
 
     plan = prepared.plan(method=method, objective=objective, buckets=buckets)
     gains: dict[str, float] = {}
     records: list[dict[str, Any]] = []
     unif = uniform_plans(prepared) if uniform else []
-    first = [build(plan)] + [build(p) for _, p in unif]
-    measured = output_errors(gm, first, batches, input_fn=input_fn, cache=cache)
+    measured = [measure(plan, False)] + [measure(p, True) for _, p in unif]
     uniform_rows = [{"plan": spec, "macs_fraction": p.macs_fraction, "params_fraction": p.params_fraction,
                      "changed_sites": len(p.changed), "predicted": predicted_error(
                          [c.predicted_rel_error for c in p.changed]), "measured": m}
@@ -430,11 +442,10 @@ def fit_end_to_end(prepared: PreparedBudget, gm: torch.fx.GraphModule, batches: 
         replacements: dict[str, tuple[nn.Module, str]] = {}
         current = f"budget round {len(records) - 1}"
         for name, p in [(current, plan), *((f"uniform {spec}", u) for spec, u in unif)]:
-            model = build(p)
             for c in p.changed:  # the current plan's replacements, and others' where no gain is known yet
                 if c.site in replacements or (p is not plan and c.site in gain_rows):
                     continue
-                module = _submodule(model, c.site)
+                module = replaced[p.signature].get(c.site)
                 if module is not None and _submodule(gm, c.site) is not None:
                     replacements[c.site] = (module, name)
         fresh = site_gains(gm, replacements, batches, input_fn=input_fn, probes=probes) if replacements else {}
@@ -461,7 +472,7 @@ def fit_end_to_end(prepared: PreparedBudget, gm: torch.fx.GraphModule, batches: 
                             "repeat": True})
             break
         seen.add(plan.signature)
-        error = output_errors(gm, [build(plan)], batches, input_fn=input_fn, cache=cache)[0]
+        error = measure(plan, False)
     best_error, chosen, best = min(candidates, key=lambda t: (t[0], t[1].startswith("uniform")))
     preds = {f"budget round {r['round']}": r["predicted"] for r in records}
     preds |= {f"uniform {r['plan']}": r["predicted"] for r in uniform_rows}
@@ -474,7 +485,7 @@ def fit_end_to_end(prepared: PreparedBudget, gm: torch.fx.GraphModule, batches: 
             "measured_on": "the calibration batches: ||f'(x) - f(x)|| / ||f(x)|| over every output, eval mode"}
     seconds_all = dict(best.seconds) | {"end_to_end": seconds}
     return dataclasses.replace(best, end_to_end=MappingProxyType(info), seconds=MappingProxyType(seconds_all),
-                               prebuilt=(best.signature, built[best.signature]))
+                               prebuilt=(best.signature, kept[best.signature][1]))
 
 
 def _submodule(gm: nn.Module, name: str) -> nn.Module | None:
