@@ -343,8 +343,8 @@ def _uniform(prepared: PreparedBudget, target: Target, form: str, opts: tuple[tu
         if not fits(chosen):
             return None
     else:  # the largest rank fraction meeting the target, over every breakpoint r / exact rank
-        points = sorted({r / _exact_rank(form, base, s) for s, _ in considered
-                         for r in range(1, _exact_rank(form, base, s) + 1)})
+        fulls = {_exact_rank(form, base, s) for s, _ in considered}
+        points = sorted({r / full for full in fulls for r in range(1, full + 1)})
         lo, hi = 0, len(points) - 1
         if not fits(choices_at(points[0])):
             return None

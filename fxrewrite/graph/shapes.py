@@ -125,6 +125,7 @@ def _conv_shortcut(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """The strides torch gives a contiguous tensor of ``shape`` (a size-0 dimension counts as 1)."""
     out, step = [], 1
     for size in reversed(shape):
         out.append(step)
@@ -135,11 +136,7 @@ def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
 def _plain_strides(t: torch.Tensor) -> bool:
     """Exactly the contiguous strides (``is_contiguous`` also accepts a channels-last tensor whose size-1 dims make
     it ambiguous, which a conv kernel then treats as channels-last)."""
-    expected, step = [], 1
-    for size in reversed(t.shape):
-        expected.append(step)
-        step *= int(size)
-    return tuple(t.stride()) == tuple(reversed(expected))
+    return tuple(t.stride()) == _contiguous_strides(t.shape)
 
 
 # Functions whose output has their one tensor input's metadata (elementwise, no type promotion); ``inplace`` is

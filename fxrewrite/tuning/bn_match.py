@@ -28,6 +28,7 @@ from torch import nn
 
 from fxrewrite.graph.recorder import node_values
 from fxrewrite.tuning.calibration_data import halves
+from fxrewrite.tuning.lockstep import step_pairs
 from fxrewrite.tuning.progress import Progress
 from fxrewrite.util.distributed import all_reduce, is_distributed
 
@@ -123,8 +124,7 @@ def match(original: torch.fx.GraphModule, model: torch.fx.GraphModule, node: tor
     fit, check = (torch.zeros(_MOMENTS, bn.num_features, dtype=torch.float64, device=bn.running_mean.device)
                   for _ in range(2))
     if pairs is None:
-        pairs = ((next(node_values(model, inputs, [x_node], stop=x_node))[1],
-                  next(node_values(original, inputs, [o_node], stop=o_node))[1]) for inputs in batches())
+        pairs = step_pairs(original, model, batches, x_node, o_node)
     for xr, xo in pairs:
         (r_fit, r_check), (o_fit, o_check) = halves(xr.to(fit.device)), halves(xo.to(fit.device))
         _channel_sums(r_fit, o_fit, fit)

@@ -21,7 +21,7 @@ the shapes recorded on the rewritten model and the repair uses it only within it
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 from fxrewrite.errors import FxRewriteError
 from fxrewrite.graph.recorder import node_values
 
-__all__ = ["Lockstep", "lockstep_bytes", "lockstep_ok"]
+__all__ = ["Lockstep", "lockstep_bytes", "lockstep_ok", "step_pairs"]
 
 
 class _Run:
@@ -74,6 +74,15 @@ class Lockstep:
         ``original_node`` in the original."""
         for model_run, original_run in self.runs:
             yield model_run.take(model_node), original_run.take(original_node)
+
+
+def step_pairs(original: torch.fx.GraphModule, model: torch.fx.GraphModule, batches: Callable[[], Iterable[Any]],
+               model_node: torch.fx.Node, original_node: torch.fx.Node) -> Iterator[tuple[Any, Any]]:
+    """What ``Lockstep.pairs`` gives, without paused runs: per batch, both models run from the inputs up to the two
+    nodes (the repair's step-by-step route, for data it streams or when the runs would not fit)."""
+    for inputs in batches():
+        yield (next(node_values(model, inputs, [model_node], stop=model_node))[1],
+               next(node_values(original, inputs, [original_node], stop=original_node))[1])
 
 
 def lockstep_ok(model: torch.fx.GraphModule, targets: Iterable[str]) -> bool:

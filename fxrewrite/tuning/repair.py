@@ -112,7 +112,7 @@ from fxrewrite.maths.im2col import im2col
 from fxrewrite.maths.lstsq import NormalEquations, SketchedEquations, grouped_targets, relative_residual
 from fxrewrite.tuning.bn_match import batchnorm_at, match, reestimate
 from fxrewrite.tuning.calibration_data import halves, output_leaves
-from fxrewrite.tuning.lockstep import Lockstep, lockstep_bytes, lockstep_ok
+from fxrewrite.tuning.lockstep import Lockstep, lockstep_bytes, lockstep_ok, step_pairs
 from fxrewrite.tuning.progress import Progress
 from fxrewrite.tuning.records import RepairResult, SiteRepair
 from fxrewrite.util.distributed import all_reduce, world_size
@@ -368,9 +368,7 @@ def _site_values(original: torch.fx.GraphModule, model: torch.fx.GraphModule, ba
     assert site.original is not None
     x_node, y_node = site.output.args[0], site.original
     assert isinstance(x_node, torch.fx.Node)
-    pairs = runs.pairs(x_node, y_node) if runs is not None else (
-        (next(node_values(model, inputs, [x_node], stop=x_node))[1],
-         next(node_values(original, inputs, [y_node], stop=y_node))[1]) for inputs in batches())
+    pairs = runs.pairs(x_node, y_node) if runs is not None else step_pairs(original, model, batches, x_node, y_node)
     for x, y in pairs:
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or y.dim() != 4:
             raise RepairError(f"site {site.name!r}: expected 4-D tensors at the conv input and the original site "

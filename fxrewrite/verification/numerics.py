@@ -43,18 +43,11 @@ class ErrorAccumulator:
         if a.is_complex() or b.is_complex():
             a, b = torch.view_as_real(a), torch.view_as_real(b)
         if a.numel() and a.shape == b.shape:
-            # the same sums, in one tensor and one read back: a NaN or inf anywhere makes a sum of squares
-            # non-finite, so the masks below are built only then (or when float64 overflows)
-            d = a - b
-            sums = torch.stack([(d * d).sum(), (b * b).sum(), (a * a).sum(), (a * b).sum(), d.abs().max()])
-            err2, ref2, cand2, dot, max_abs = sums.tolist()
-            if all(math.isfinite(v) for v in (err2, ref2, cand2)):
-                self.err2 += err2
-                self.ref2 += ref2
-                self.cand2 += cand2
-                self.dot += dot
-                self.max_abs = max(self.max_abs, max_abs)
-                self.numel += int(candidate.numel())
+            # the fast path: a NaN or inf anywhere makes a sum of squares non-finite, so the masks below are built
+            # only then (or when float64 overflows)
+            sums = _sums(a, b)
+            if all(math.isfinite(v) for v in sums[:3]):
+                self._accumulate(sums, candidate.numel())
                 return
         fa, fb = torch.isfinite(a), torch.isfinite(b)
         self.nonfinite += int((~fa & fb).sum())
@@ -62,14 +55,16 @@ class ErrorAccumulator:
         both = fa & fb
         if not bool(both.all()):
             a, b = a[both], b[both]
-        d = a - b
-        self.err2 += float((d * d).sum())
-        self.ref2 += float((b * b).sum())
-        self.cand2 += float((a * a).sum())
-        self.dot += float((a * b).sum())
-        if d.numel():
-            self.max_abs = max(self.max_abs, float(d.abs().max()))
-        self.numel += int(candidate.numel())
+        self._accumulate(_sums(a, b), candidate.numel())
+
+    def _accumulate(self, sums: tuple[float, float, float, float, float], numel: int) -> None:
+        err2, ref2, cand2, dot, max_abs = sums
+        self.err2 += err2
+        self.ref2 += ref2
+        self.cand2 += cand2
+        self.dot += dot
+        self.max_abs = max(self.max_abs, max_abs)
+        self.numel += int(numel)
 
     def stats(self) -> ErrorStats:
         if self.err2 == 0.0:
@@ -82,6 +77,16 @@ class ErrorAccumulator:
         else:
             cosine = 1.0 if self.cand2 == self.ref2 else 0.0
         return ErrorStats(rel, self.max_abs, sqnr, cosine, self.numel, self.nonfinite, self.reference_nonfinite)
+
+
+def _sums(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float, float, float]:
+    """``(||a - b||^2, ||b||^2, ||a||^2, <a, b>, max |a - b|)`` in one tensor and one read-back (0 for empty)."""
+    d = a - b
+    if not d.numel():
+        return 0.0, 0.0, 0.0, 0.0, 0.0
+    err2, ref2, cand2, dot, max_abs = torch.stack(
+        [(d * d).sum(), (b * b).sum(), (a * a).sum(), (a * b).sum(), d.abs().max()]).tolist()
+    return err2, ref2, cand2, dot, max_abs
 
 
 def error_stats(candidate: torch.Tensor, reference: torch.Tensor) -> ErrorStats:

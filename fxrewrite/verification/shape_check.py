@@ -93,7 +93,7 @@ def _shape_run(gm: torch.fx.GraphModule, result: Any, cost: Any = None) -> Shape
 
 def propagate_changed(ref_gm: torch.fx.GraphModule, new_gm: torch.fx.GraphModule, rewritten: torch.nn.Module,
                       groups: dict[str, list[torch.fx.Node]], originals: dict[str, torch.fx.Node],
-                      inputs: Sequence[Any], original: torch.nn.Module, *, real: bool = False,
+                      inputs: Sequence[Any], original: torch.nn.Module, *,
                       costs: tuple[Any, Any] | None = None) -> tuple[ShapeRun, ShapeRun] | None:
     """The shape check at the cost of what changed, or None where it cannot stand for a whole propagation.
 
@@ -108,8 +108,6 @@ def propagate_changed(ref_gm: torch.fx.GraphModule, new_gm: torch.fx.GraphModule
     ``inputs``, a node of the original has no counterpart, something is on the meta device (``others``: the models),
     a site fails to propagate or its output differs: the full propagation then says exactly what and where.
 
-    ``real=True`` (for a caller that runs both models anyway: numerics) re-propagates the sites by running them on
-    zeros of the recorded input metadata, which at an example input's size costs a fraction of FakeTensor dispatch.
     ``costs``: the ``ModelCost`` of both models as the rewrite counted them from the same metadata (not counted
     again).
 
@@ -134,7 +132,7 @@ def propagate_changed(ref_gm: torch.fx.GraphModule, new_gm: torch.fx.GraphModule
             return None
     for a, b in zip(mine, theirs, strict=True):
         a.meta["val"] = b.meta["val"]
-    known = _changed_runs(ref_gm, new_gm, groups, originals, real, costs or (None, None))
+    known = _changed_runs(ref_gm, new_gm, groups, originals, costs or (None, None))
     if known is None:  # a stale value must not hide where the whole propagation stops
         for n in mine:
             n.meta.pop("val", None)
@@ -142,7 +140,7 @@ def propagate_changed(ref_gm: torch.fx.GraphModule, new_gm: torch.fx.GraphModule
 
 
 def _changed_runs(ref_gm: torch.fx.GraphModule, new_gm: torch.fx.GraphModule, groups: dict[str, list[torch.fx.Node]],
-                  originals: dict[str, torch.fx.Node], real: bool,
+                  originals: dict[str, torch.fx.Node],
                   costs: tuple[Any, Any]) -> tuple[ShapeRun, ShapeRun] | None:
     by_name = {n.name: n for n in new_gm.graph.nodes if n.op != "output"}
     site_last = {originals[s].name: nodes[-1] for s, nodes in groups.items() if s in originals}
@@ -160,7 +158,7 @@ def _changed_runs(ref_gm: torch.fx.GraphModule, new_gm: torch.fx.GraphModule, gr
     order = [n for n in new_gm.graph.nodes if n in changed]
     recorded = {n: n.meta["val"] for n in order}
     try:
-        propagate_nodes(new_gm, order, real=real)
+        propagate_nodes(new_gm, order)
     except Exception:
         return None
     for nodes in groups.values():
