@@ -21,6 +21,7 @@ from fxrewrite.graph.patterns import attr_of
 from fxrewrite.graph.shapes import step_output_shape
 from fxrewrite.graph.sites import CONV_FUNCTIONS, ConvSite
 from fxrewrite.measure.cost import conv_macs
+from fxrewrite.util.runtime import submodule
 
 
 def convs_of(module: nn.Module) -> list[nn.Conv2d]:
@@ -75,13 +76,15 @@ class _UninitialisedConv2d(nn.Conv2d):
 
 
 def make_conv(like: nn.Conv2d, in_channels: int, out_channels: int, *, groups: int, spatial: bool,
-              bias: bool, weight: torch.Tensor | None) -> nn.Conv2d:
+              bias: bool, weight: torch.Tensor | None, fresh: bool = False) -> nn.Conv2d:
     """A plain Conv2d on ``like``'s device and dtype; ``spatial`` keeps its kernel/stride/padding/dilation/mode.
 
     A pointwise (non-spatial) conv is 1x1, stride 1, no padding, padding_mode zeros. With ``weight`` given, a bias
     (``bias=True``) copies ``like``'s (zeros when ``like`` has none); with ``weight=None`` weight and bias keep
     torch's default initialisation (a fresh init, for training from scratch). requires_grad, the channels_last
     layout and the train/eval flag follow ``like``. Given weights draw nothing from the random generator.
+    ``fresh=True`` says that ``weight`` was made for this conv alone and nothing else holds it (a factorisation's
+    output): it becomes the parameter's storage without a copy where its dtype, device, shape and layout fit.
 
     >>> like = nn.Conv2d(4, 8, 3, padding=1).requires_grad_(False).eval()
     >>> rng = torch.random.get_rng_state()
@@ -111,10 +114,13 @@ def make_conv(like: nn.Conv2d, in_channels: int, out_channels: int, *, groups: i
     else:  # built on meta without the default init (it would only be overwritten), then given real parameters
         conv = _UninitialisedConv2d(in_channels, out_channels, **(kwargs | {"device": "meta"}))
         conv.__class__ = nn.Conv2d
-        new_weight = torch.empty(conv.weight.shape, dtype=w.dtype, device=w.device)
+        adopt = (fresh and weight.shape == conv.weight.shape and weight.dtype == w.dtype and weight.device == w.device
+                 and weight.is_contiguous() and not channels_last)
+        new_weight = weight.detach() if adopt else torch.empty(conv.weight.shape, dtype=w.dtype, device=w.device)
         new_bias = torch.empty(out_channels, dtype=w.dtype, device=w.device) if bias else None
         with torch.no_grad():
-            new_weight.copy_(weight)
+            if not adopt:
+                new_weight.copy_(weight)
             if new_bias is not None:
                 new_bias.copy_(like.bias) if like.bias is not None else new_bias.zero_()
         if channels_last:  # converted as in the fresh-init branch: the same strides, also on size-1 dimensions
@@ -129,7 +135,7 @@ def make_conv(like: nn.Conv2d, in_channels: int, out_channels: int, *, groups: i
 def conv_module(gm: torch.fx.GraphModule, site: ConvSite) -> nn.Conv2d:
     """The site's Conv2d; for a functional ``F.conv2d`` site, an equivalent module holding its constant weights."""
     if site.kind == "module":
-        module = gm.get_submodule(site.name)
+        module = submodule(gm, site.name)
         assert isinstance(module, nn.Conv2d)
         return module
     bound = _function_args(gm, site)
@@ -157,7 +163,7 @@ def _function_args(gm: torch.fx.GraphModule, site: ConvSite) -> dict[str, Any]:
 def meta_weight(gm: torch.fx.GraphModule, site: ConvSite) -> bool:
     """Whether the site's weight is on the meta device (no values to factorise)."""
     if site.kind == "module":
-        return bool(gm.get_submodule(site.name).weight.is_meta)
+        return bool(submodule(gm, site.name).weight.is_meta)
     return bool(attr_of(_function_args(gm, site)["weight"], gm).is_meta)
 
 

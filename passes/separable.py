@@ -114,11 +114,11 @@ def _separable(site: ConvSite, conv: nn.Conv2d, groups: int, rank: int | str, in
     used = _effective_lowering(lowering, conv, groups, r)
     if used == "direct":
         front: list[nn.Module] = [make_conv(conv, conv.in_channels, spatial_out, groups=groups, spatial=True,
-                                            bias=False, weight=spatial_w)]
+                                            bias=False, weight=spatial_w, fresh=True)]
     else:
         front, pointwise_w = _lowered(conv, used, r, spatial_w, pointwise_w)
     pointwise = make_conv(conv, spatial_out, conv.out_channels, groups=g_src, spatial=False,
-                          bias=conv.bias is not None, weight=pointwise_w)
+                          bias=conv.bias is not None, weight=pointwise_w, fresh=True)
     details = {"rank": r, "exact_rank": full, "groups": groups, "lowering": used}
     return Built(sequential(*front, pointwise, like=conv), rel_error, exact, details)
 

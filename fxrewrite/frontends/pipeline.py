@@ -40,6 +40,7 @@ from fxrewrite.measure.latency import LatencyReport, measure_latency
 from fxrewrite.report.report import CostComparison, Report, SiteCost, SiteRecord
 from fxrewrite.report.site_table import sites_table
 from fxrewrite.util.inputs import check_calibration, check_reiterable, example_inputs_tuple
+from fxrewrite.util.runtime import submodule
 from fxrewrite.verification.numerics import numerics_blocker
 from fxrewrite.verification.result import Verification
 from fxrewrite.verification.verify import gc_paused
@@ -109,7 +110,7 @@ def _prepare(model: nn.Module, example_inputs: Any, passes: PassesArg, select: A
                    share_tensors=shared)
         if shared is not None:
             shared.own(gm, keep={str(n.target) for n in gm.graph.find_nodes(op="call_module")
-                                 if isinstance(gm.get_submodule(str(n.target)), nn.Conv2d)})
+                                 if isinstance(submodule(gm, str(n.target)), nn.Conv2d)})
     except ConfigError as exc:
         errors.append(exc)
     except FxRewriteError:

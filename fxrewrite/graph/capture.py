@@ -13,7 +13,6 @@ silently traced through and treated as a plain convolution.
 
 from __future__ import annotations
 
-import copy
 import difflib
 import inspect
 import linecache
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from fxrewrite.errors import ConfigError, TraceFailure
+from fxrewrite.graph.module_copy import copy_module
 from fxrewrite.graph.ownership import SharedTensors
 
 # Trailing separators: "site-packages/torch" must not swallow "site-packages/torchvision" (a model library whose
@@ -119,7 +119,7 @@ def trace(model: nn.Module, *, concrete_args: Mapping[str, Any] | None = None,
     """
     check_traceable_type(model)
     try:
-        copied = copy.deepcopy(model, share_tensors.memo() if share_tensors is not None else None)
+        copied = copy_module(model, share_tensors.memo() if share_tensors is not None else None)
     except Exception as exc:
         raise TraceFailure(
             f"cannot deep-copy {type(model).__name__} ({type(exc).__name__}: {exc}); fxrewrite never edits the "

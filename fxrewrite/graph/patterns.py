@@ -33,7 +33,7 @@ single-node patterns take a direct scan. ``CONV2D_MODULE`` and ``CONV2D_FUNCTION
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -45,6 +45,7 @@ from networkx.algorithms.isomorphism import DiGraphMatcher
 from torch import nn
 
 from fxrewrite.errors import ConfigError
+from fxrewrite.util.runtime import submodule
 
 Predicate = Callable[[torch.fx.Node, torch.fx.GraphModule], bool]
 FX_OPS = ("placeholder", "get_attr", "call_function", "call_module", "call_method", "output")
@@ -115,7 +116,7 @@ class NodePattern:
         if self.module_type is not None or self.attrs:
             if node.op != "call_module":
                 return f"{node.name}: not a module call (op is {node.op})" if explain else ""
-            module = gm.get_submodule(str(node.target))
+            module = submodule(gm, str(node.target))
         if self.module_type is not None:
             types = self.module_type if isinstance(self.module_type, tuple) else (self.module_type,)
             ok = isinstance(module, types) if self.subclasses else type(module) in types
@@ -134,6 +135,21 @@ class NodePattern:
         if self.where is not None and not self.where(node, gm):
             return f"{node.name}: predicate {getattr(self.where, '__name__', 'where')} is false" if explain else ""
         return None
+
+
+def _candidates(p: NodePattern, graph: torch.fx.Graph) -> Iterable[torch.fx.Node]:
+    """The nodes that can satisfy ``p`` by its op alone, in graph order, from the graph's index of nodes by op (a
+    scan of every node costs a Python call per node)."""
+    ops = p.op if isinstance(p.op, tuple) else (p.op,)
+    if p.op is None or ("call_function" in ops and p.target is None):  # the index wants a function's target
+        return graph.nodes
+    targets = p.target if isinstance(p.target, tuple) else (p.target,)
+    found = [graph.find_nodes(op=op, target=t) if op == "call_function" else graph.find_nodes(op=op)
+             for op in ops for t in (targets if op == "call_function" else (None,))]
+    if len(found) == 1:
+        return found[0]
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return sorted(dict.fromkeys(n for nodes in found for n in nodes), key=order.__getitem__)
 
 
 def _target_name(target: Any) -> str:
@@ -213,7 +229,7 @@ class Pattern:
         """Every match in graph order of the anchor (overlapping matches included)."""
         if len(self.nodes) == 1:
             p = self.nodes[0]
-            return [Match(MappingProxyType({p.name: n})) for n in gm.graph.nodes if p.matches(n, gm)]
+            return [Match(MappingProxyType({p.name: n})) for n in _candidates(p, gm.graph) if p.matches(n, gm)]
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         found: dict[frozenset[tuple[str, torch.fx.Node]], Match] = {}
         for mapping in self._mappings(gm, _data_graph(gm)):
@@ -300,7 +316,7 @@ def _data_graph(gm: torch.fx.GraphModule, only: set[torch.fx.Node] | None = None
 
 def module_of(node: torch.fx.Node, gm: torch.fx.GraphModule) -> nn.Module | None:
     """The module a ``call_module`` node calls (None for other ops)."""
-    return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+    return submodule(gm, str(node.target)) if node.op == "call_module" else None
 
 
 def attr_of(node: torch.fx.Node, gm: torch.fx.GraphModule) -> Any:

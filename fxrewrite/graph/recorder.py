@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from fxrewrite.errors import FxRewriteError
+from fxrewrite.util.runtime import submodule
 
 
 class ValueRecorder(torch.fx.Interpreter):
@@ -35,6 +36,9 @@ class ValueRecorder(torch.fx.Interpreter):
         if n.name in self._watch:
             self._on_value(n, out)
         return out
+
+    def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return submodule(self.module, str(target))(*args, **kwargs)  # fetch_attr's getattr walk, without its cost
 
 
 class SubgraphRunner:
@@ -105,7 +109,7 @@ def run_nodes(gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node],
         args = torch.fx.node.map_arg(n.args, value)
         kwargs = torch.fx.node.map_arg(n.kwargs, value)
         if n.op == "call_module":
-            env[n] = gm.get_submodule(str(n.target))(*args, **kwargs)
+            env[n] = submodule(gm, str(n.target))(*args, **kwargs)
         elif n.op == "call_function":
             env[n] = n.target(*args, **kwargs)  # type: ignore[operator]
         elif n.op == "call_method":

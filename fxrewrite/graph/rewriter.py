@@ -34,6 +34,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from fxrewrite.graph.shapes import step_output_shape
+from fxrewrite.util.runtime import submodule
 
 PROVENANCE_KEY = "fxrewrite"
 
@@ -45,7 +46,7 @@ _CALLER_RECOMPILES: contextvars.ContextVar[bool] = contextvars.ContextVar("fxrew
 
 def _set_submodule(gm: torch.fx.GraphModule, qualname: str, module: nn.Module) -> None:
     parent_name, _, leaf = qualname.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
+    parent = submodule(gm, parent_name) if parent_name else gm
     setattr(parent, leaf, module)
 
 
@@ -140,7 +141,7 @@ def _delete_attr(gm: torch.fx.GraphModule, qualname: str) -> None:
 def set_conv_weight(gm: torch.fx.GraphModule, qualname: str, weight: torch.Tensor) -> None:
     """Give the Conv2d at ``qualname`` a new weight Parameter with the old one's dtype, device, requires_grad and
     memory format (channels_last stays channels_last)."""
-    conv = gm.get_submodule(qualname)
+    conv = submodule(gm, qualname)
     assert isinstance(conv, nn.Conv2d)
     old = conv.weight
     new = weight.detach().to(dtype=old.dtype, device=old.device)
@@ -158,7 +159,7 @@ def permute_channels(gm: torch.fx.GraphModule, qualname: str, *, out_perm: torch
     channel-wise module (BatchNorm2d, PReLU, a depthwise Conv2d with one output per channel) takes ``out_perm`` on
     every per-channel tensor. New tensors replace the old ones (nothing is written in place), keeping Parameter /
     buffer kind, requires_grad, dtype, device and a conv weight's memory format."""
-    module = gm.get_submodule(qualname)
+    module = submodule(gm, qualname)
     dense = isinstance(module, nn.Conv2d) and module.groups == 1
     channelwise = isinstance(module, nn.BatchNorm2d | nn.PReLU) or (
         isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels)

@@ -34,6 +34,7 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxrewrite.errors import ConfigError
+from fxrewrite.util.runtime import submodule
 
 
 def fake_mode() -> FakeTensorMode:
@@ -209,7 +210,7 @@ class _FakeProp(FakeTensorProp):
             return None
         if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
             return None
-        module = self.fetch_attr(target)
+        module = submodule(self.module, target)
         if _preserves_shape(module, args[0]) and _dense(args[0]):
             return _fake_copy(args[0])
         return _conv_shortcut(module, args[0])

@@ -16,6 +16,7 @@ import torch
 from fxrewrite.graph.patterns import attr_of
 from fxrewrite.graph.rewriter import PROVENANCE_KEY
 from fxrewrite.graph.sites import ConvSite
+from fxrewrite.util.runtime import submodule
 
 
 def provenance_site(node: torch.fx.Node) -> str | None:
@@ -87,7 +88,7 @@ def site_weight(gm: torch.fx.GraphModule, site: ConvSite,
     """The weight tensor a conv site multiplies: the module's ``weight``, or the constant a functional conv reads
     (None when the weight is computed in the graph). ``nodes`` (name -> node) saves a scan per call."""
     if site.kind == "module":
-        weight = getattr(gm.get_submodule(site.name), "weight", None)
+        weight = getattr(submodule(gm, site.name), "weight", None)
         return weight if isinstance(weight, torch.Tensor) else None
     node = (nodes or {n.name: n for n in gm.graph.nodes}).get(site.node)
     arg = None if node is None else (node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))

@@ -63,6 +63,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.node import _get_qualified_name
 
+from fxrewrite.util.runtime import submodule
+
 __all__ = [
     "KINDS",
     "UNITS",
@@ -387,7 +389,7 @@ def node_macs(gm: torch.fx.GraphModule, node: torch.fx.Node, module: nn.Module |
         [('other', 0), ('linear', 40), ('other', 0)]
     """
     if node.op == "call_module":
-        mod = module if module is not None else gm.get_submodule(str(node.target))
+        mod = module if module is not None else submodule(gm, str(node.target))
         if isinstance(mod, nn.modules.conv._ConvNd):
             k = tuple(mod.kernel_size)
             if mod.transposed:
@@ -484,7 +486,7 @@ def model_cost(gm: torch.fx.GraphModule) -> ModelCost:
     for node in graph_nodes:
         params = 0
         if node.op == "call_module":
-            module = gm.get_submodule(str(node.target))
+            module = submodule(gm, str(node.target))
             kind, macs = node_macs(gm, node, module)
             params = _new_params(module, seen)
         else:

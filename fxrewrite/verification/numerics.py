@@ -118,7 +118,7 @@ def full_precision() -> Iterator[None]:
 def numerics_blocker(original: nn.Module, rewritten: nn.Module, inputs: Sequence[Any]) -> str | None:
     """Why the numeric comparison cannot run (a model or an input without data), or None when it can."""
     for label, module in (("original", original), ("rewritten", rewritten)):
-        if any(t.device.type == "meta" for t in tensors_of(module)):
+        if any(t.is_meta for t in tensors_of(module)):
             return f"the {label} model is on the meta device (no data): shapes and costs only"
     if any(isinstance(x, FakeTensor) for x in inputs if isinstance(x, torch.Tensor)):
         return "the example inputs are FakeTensors (no data): shapes and costs only"
