@@ -14,7 +14,6 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -175,10 +174,7 @@ def group_matrix_chunks(weight: Tensor, source_groups: int, groups: int,
     # that also widens to float64 gives a contiguous batch (a permuted view would be copied again by every bmm).
     w = weight.detach().reshape(big_g, ob, per_block, c, k).permute(0, 2, 1, 3, 4).reshape(g, ob, c, k)
     per_chunk = g if max_bytes is None else max(1, min(g, max_bytes // (ob * c * k * 8)))
-    if weight.device.type == "cpu":  # numpy backs buffers of 4 MB and more with huge pages: far fewer page faults
-        buffer = torch.from_numpy(np.empty((per_chunk, ob, c, k), dtype=np.float64))
-    else:
-        buffer = torch.empty((per_chunk, ob, c, k), dtype=torch.float64, device=weight.device)
+    buffer = torch.empty((per_chunk, ob, c, k), dtype=torch.float64, device=weight.device)
     for start in range(0, g, per_chunk):
         n = min(per_chunk, g - start)
         yield buffer[:n].copy_(w[start:start + n]).view(n, ob, c * k)
