@@ -105,3 +105,35 @@ def test_shared_tensors_copies_each_tensor_once_and_keeps_what_it_is_told() -> N
     assert shared.own(twin) == 1 and twin.a.weight is twin.b.weight
     assert first == len({id(t) for t in (*model.parameters(), *model.buffers())}) - 1
     assert isinstance(twin.fc1.weight, nn.Parameter) and twin.fc1.weight.requires_grad
+
+
+def test_own_copies_buffers_as_deepcopy_does() -> None:
+    """Buffers are cloned directly where that equals deepcopy; views of one storage, a tensor with Python attributes
+    and one with a grad take deepcopy's own path, so they keep what it keeps."""
+    holder = nn.Module()
+    base = torch.arange(12.0)
+    holder.register_buffer("plain", torch.randn(3, 4))
+    holder.register_buffer("left", base[:6])  # two views of one storage: shared in the copy too
+    holder.register_buffer("right", base[6:])
+    whole = torch.arange(6.0)
+    holder.register_buffer("flat", whole)  # two tensors that each cover one whole storage
+    holder.register_buffer("grid", whole.view(2, 3))
+    tagged = torch.ones(2)
+    tagged.note = "kept"  # type: ignore[attr-defined]
+    holder.register_buffer("tagged", tagged)
+    holder.weight = nn.Parameter(torch.randn(2, 2))
+    holder.weight.grad = torch.ones(2, 2)
+    reference = copy.deepcopy(holder)
+    shared = SharedTensors(holder)
+    twin = copy.deepcopy(holder, shared.memo())
+    assert shared.own(twin) == 7
+    for name, t in (*twin.named_buffers(), *twin.named_parameters()):
+        ref, orig = dict((*reference.named_buffers(), *reference.named_parameters()))[name], getattr(holder, name)
+        assert t.untyped_storage().data_ptr() != orig.untyped_storage().data_ptr()
+        assert (type(t), t.shape, t.stride(), t.storage_offset(), t.requires_grad) == (
+            type(ref), ref.shape, ref.stride(), ref.storage_offset(), ref.requires_grad)
+        torch.testing.assert_close(t, orig, rtol=0, atol=0)
+    assert twin.left.untyped_storage().data_ptr() == twin.right.untyped_storage().data_ptr()
+    assert twin.flat.untyped_storage().data_ptr() == twin.grid.untyped_storage().data_ptr()
+    assert twin.tagged.note == "kept" and twin.tagged.__dict__ == reference.tagged.__dict__
+    assert twin.weight.grad is None and reference.weight.grad is None  # Parameter's deepcopy leaves the grad
