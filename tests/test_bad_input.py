@@ -43,6 +43,22 @@ def test_a_nan_weight_outside_the_selection_is_not_an_error() -> None:
     assert [r.status for r in result.report.records if r.site == "0"] == ["rewritten"]
 
 
+def test_a_nan_weight_no_pass_reads_is_left_to_the_verification() -> None:
+    """A separable pass skips a 1x1 conv (its kind refuses it whatever the options), so its weight is not scanned:
+    the rewrite goes on and the verification reports the original model's non-finite output; a grouped pass
+    factorises the same 1x1 conv, so there the NaN is a configuration error before any work."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1)).eval()
+    with torch.no_grad():
+        model[2].weight[1, 2, 0, 0] = float("nan")
+    x = torch.randn(1, 3, 8, 8)
+    result = fxrewrite.rewrite(model, (x,), passes="depthwise-separable{rank=exact}")
+    assert [(r.site, r.status) for r in result.report.records] == [("0", "rewritten"), ("2", "skipped")]
+    assert not result.ok and "the original model's output has" in result.verification.failures[0]
+    with pytest.raises(ConfigError, match=r"site '2': weight has 1 non-finite value \(NaN or inf\) of 64"):
+        fxrewrite.rewrite(model, (x,), passes="grouped{groups=2}")
+
+
 def test_the_site_listing_of_a_nan_model_still_works() -> None:
     """A dry run without passes only lists sites: nothing is factorised, so a NaN weight is no reason to refuse."""
     plan = fxrewrite.plan(_nan_model(), (torch.randn(1, 3, 8, 8),))

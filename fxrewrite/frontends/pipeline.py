@@ -130,7 +130,8 @@ def _prepare(model: nn.Module, example_inputs: Any, passes: PassesArg, select: A
             for p in pipeline:
                 _collect(errors, p.validate, gm, matched)
         if pipeline or budget:  # the passes factorise the trained weights: NaN / inf there is the user's to fix
-            chosen = [s for s in sites if not rules or any(r.matches(s) for r in rules)]
+            chosen = [s for s in sites if (not rules or any(r.matches(s) for r in rules))
+                      and (budget or any(_may_rewrite(p, s) for p in pipeline))]
             errors += [ConfigError(message) for message in nonfinite_weights(gm, chosen)]
     unique = list({str(e): e for e in errors}.values())
     if len(unique) == 1:
@@ -140,6 +141,15 @@ def _prepare(model: nn.Module, example_inputs: Any, passes: PassesArg, select: A
                           + "\n  ".join(str(e) for e in unique))
     assert gm is not None and inputs is not None
     return _Prepared(pipeline, rules, gm, inputs)
+
+
+def _may_rewrite(p: Any, site: ConvSite) -> bool:
+    """Whether pass ``p`` may rewrite ``site``: False only where its kind's site-level reason already refuses it
+    whatever the options (``ConvRewritePass._decide`` re-checks only ``channels-not-divisible`` with them), so the
+    weights no pass reads (a separable pass's 1x1 convs) are not scanned for NaN / inf."""
+    kind = getattr(p, "kind", None)
+    reason = site.blocker or (site.reason_for(kind) if kind else None)
+    return reason is None or reason.code == "channels-not-divisible"
 
 
 # Modules whose forward depends on the training flag: batch / instance norm (batch statistics, running-stat updates),
