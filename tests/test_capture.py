@@ -377,3 +377,43 @@ def test_shape_shortcuts_record_what_dispatch_and_real_execution_give(name: str,
         return m[0], tuple(s if d > 1 else None for d, s in zip(m[0], m[1], strict=True)), m[2], m[3]
 
     assert [loose(m) for m in ours] == [loose(seen[n.name]) for n in gm.graph.nodes if n.op != "output"]
+
+
+def test_deferred_code_generation_gives_a_plain_graph_module(tmp_path: Any) -> None:
+    """A capture without generated code cannot be called; make_runnable turns it into what torch itself builds
+    (class, code, pickling, deepcopy), and rewrite(), which captures that way, returns such a module."""
+    import copy
+
+    import fxrewrite
+    from fxrewrite.graph.capture import make_runnable
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    gm = trace(model, runnable=False)
+    with pytest.raises(NotImplementedError):
+        gm(x)
+    assert make_runnable(gm) is gm
+    reference = torch.fx.symbolic_trace(model)
+    assert type(gm).__qualname__ == type(reference).__qualname__ and type(gm).__mro__[1] is torch.fx.GraphModule
+    assert gm.code == reference.code
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    generated: list[int] = []
+    real_recompile = torch.fx.GraphModule.recompile
+
+    def counting(self: torch.fx.GraphModule) -> Any:
+        generated.append(1)
+        return real_recompile(self)
+
+    torch.fx.GraphModule.recompile = counting  # type: ignore[method-assign]
+    try:
+        result = fxrewrite.rewrite(model, (x,), passes="depthwise-separable{rank=exact}")
+    finally:
+        torch.fx.GraphModule.recompile = real_recompile  # type: ignore[method-assign]
+    assert len(generated) == 1  # the code is generated once, after the pass (twice before)
+    out = result.module
+    assert type(out).__qualname__ == type(reference).__qualname__ and result.ok
+    torch.save(out, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    for twin in (loaded, copy.deepcopy(out)):
+        torch.testing.assert_close(twin(x), out(x), rtol=0, atol=0)

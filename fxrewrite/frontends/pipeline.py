@@ -28,6 +28,7 @@ from fxrewrite.graph.capture import (
     check_traceable_type,
     copy_graph,
     graph_module_over,
+    make_runnable,
     trace,
 )
 from fxrewrite.graph.ownership import SharedTensors
@@ -86,12 +87,14 @@ class _Prepared:
 def _prepare(model: nn.Module, example_inputs: Any, passes: PassesArg, select: Any,
              concrete_args: Mapping[str, Any] | None, leaf_modules: Iterable[LeafSpec],
              autowrap_functions: Iterable[Callable[..., Any]], drop_hooks: bool, budget: bool = False,
-             shared: SharedTensors | None = None) -> _Prepared:
+             shared: SharedTensors | None = None, defer_code: bool = False) -> _Prepared:
     """Parse the options, trace a copy of ``model`` and propagate shapes. Every configuration error (the pipeline,
     the selectors, the capture options, the example inputs, rules that match no site, what each pass refuses) is
     raised together in one ``ConfigError`` before any pass runs. With ``shared``, the copy's convolutions keep
     ``model``'s own weights (a pass only reads those it replaces; ``shared.own`` copies the rest later) and every
-    other tensor is copied at once."""
+    other tensor is copied at once. With ``defer_code``, a pipeline of built-in passes (they only edit the graph,
+    and ``PassManager`` recompiles after each) gets a capture without generated code: the caller must
+    ``make_runnable(gm, generate=False)`` before running the passes."""
     check_traceable_type(model)
     errors: list[ConfigError] = []
     pipeline = _collect(errors, as_passes, passes) or []
@@ -106,8 +109,9 @@ def _prepare(model: nn.Module, example_inputs: Any, passes: PassesArg, select: A
                       or (isinstance(s, type) and issubclass(s, nn.Module))]
     gm = None
     try:
+        built_in = all(type(p).__module__.startswith("fxrewrite.passes.") for p in pipeline)
         gm = trace(model, concrete_args=concrete_args, leaf_modules=leaf_specs, autowrap_functions=autowrap_functions,
-                   share_tensors=shared)
+                   share_tensors=shared, runnable=not (defer_code and pipeline and built_in))
         if shared is not None:
             shared.own(gm, keep={str(n.target) for n in gm.graph.find_nodes(op="call_module")
                                  if isinstance(submodule(gm, str(n.target)), nn.Conv2d)})
@@ -276,8 +280,9 @@ def _rewrite_graph(model: nn.Module, example_inputs: Any, passes: PassesArg, sel
     # A budget builds and measures many plans from the capture: it gets a whole copy up front.
     shared = SharedTensors(model) if target is None and isinstance(model, nn.Module) else None
     prep = _prepare(model, example_inputs, passes, select, concrete_args, leaf_modules, autowrap_functions,
-                    drop_hooks, budget=target is not None, shared=shared)
-    pipeline, gm, inputs = prep.pipeline, prep.gm, prep.inputs
+                    drop_hooks, budget=target is not None, shared=shared, defer_code=target is None)
+    pipeline, inputs = prep.pipeline, prep.inputs
+    gm = make_runnable(prep.gm, generate=target is not None or not pipeline)  # else the passes' recompile does it
     if calibration is not None:
         check_reiterable(calibration)
         check_calibration(calibration, inputs, dict(calibration_options or {}).get("input_fn"))
