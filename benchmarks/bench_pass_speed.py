@@ -162,13 +162,15 @@ def path_table(quick: bool, chains: tuple[int, ...] = (1000, 3000, 5000)) -> str
     rows = []
     load_before = os.getloadavg()[0]
     for name, model, x in path_cases(quick, chains):
-        rows.append(path_row(name, model, x, 3))
+        # 7 rounds for the models (a few seconds each; single runs here spread by +-15%), 3 for the long chains
+        rows.append(path_row(name, model, x, 3 if name.startswith("chain-") else 7))
         print(f"{name}: {rows[-1]}", file=sys.stderr)
     notes = [f"rewrite() = fxrewrite.rewrite(model, (x,), passes={PATH_PASSES!r}) with default options (capture, "
              "shape propagation, the pass, verification with numerics on the example input, the report); "
              "verify=False leaves the verification out; x / (trace + forward) = its time over symbolic_trace plus "
-             "one eager forward (no_grad) of the same model, measured in the same run (goal <= 5x). Medians of 3 "
-             f"interleaved rounds (one of each per round); torch intra-op threads = {torch.get_num_threads()}; "
+             "one eager forward (no_grad) of the same model, measured in the same run (goal <= 5x). Medians of 7 "
+             "(models) or 3 (chains) interleaved rounds (one of each per round); "
+             f"torch intra-op threads = {torch.get_num_threads()}; "
              "1-minute load average "
              f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes share the CPUs)."]
     chains = sorted((int(r[0].split("-")[1]), r[4]) for r in rows if r[0].startswith("chain-"))
