@@ -240,3 +240,36 @@ def test_model_that_is_a_conv_is_one_site(seeded: None) -> None:
     conv = nn.Conv2d(4, 8, 3, stride=2)
     sites = sites_of(conv)
     assert [(s.name, s.input_shape, s.output_shape) for s in sites] == [("conv", (2, 4, 16, 16), (2, 8, 7, 7))]
+
+
+def test_remembered_sites_follow_every_graph_edit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside sites_remembered the answer is reused only for the same nodes and hooks state: after a pass replaced
+    convs (new nodes) or with hooks dropped, find_sites answers as a fresh call does; rewrite() with one built-in
+    pass finds the sites once (capture, validation and the pass), with two passes twice."""
+    import fxrewrite
+    import fxrewrite.graph.sites as sites_module
+    from fxrewrite.graph.sites import sites_remembered
+    from fxrewrite.passes import PassManager, parse_pipeline
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    model[2].register_forward_hook(lambda m, i, o: o)
+    gm = trace(model)
+    propagate_shapes(gm, (torch.randn(1, 3, 8, 8),))
+    with sites_remembered():
+        before = find_sites(gm)
+        assert find_sites(gm) == before and before[1].blocker is not None  # the hooked conv is blocked
+        with dropping_hooks(gm):
+            assert find_sites(gm)[1].blocker is None
+        assert find_sites(gm)[1].blocker is not None
+        PassManager(parse_pipeline("depthwise-separable{rank=2}"))(gm)
+        after = find_sites(gm)
+    assert after == find_sites(gm) and [s.name for s in after] != [s.name for s in before]
+    calls: list[int] = []
+    real = sites_module._find_sites
+    monkeypatch.setattr(sites_module, "_find_sites", lambda g: calls.append(1) or real(g))
+    plain = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    x = torch.randn(1, 4, 8, 8)
+    assert fxrewrite.rewrite(plain, (x,), passes="depthwise-separable{rank=exact}").ok
+    assert len(calls) == 1
+    result = fxrewrite.rewrite(plain, (x,), passes="grouped{groups=2},depthwise-separable{rank=exact}")
+    assert len(calls) == 3 and [r.status for r in result.report.records].count("rewritten") == 4

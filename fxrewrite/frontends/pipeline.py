@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -35,7 +35,7 @@ from fxrewrite.graph.ownership import SharedTensors
 from fxrewrite.graph.select import Rule, parse_rules, resolve
 from fxrewrite.graph.shapes import propagate_shapes
 from fxrewrite.graph.site_nodes import nonfinite_weights, site_groups
-from fxrewrite.graph.sites import ConvSite, dropping_hooks, find_sites, hidden_convs
+from fxrewrite.graph.sites import ConvSite, dropping_hooks, find_sites, hidden_convs, sites_remembered
 from fxrewrite.measure.cost import ModelCost, model_cost
 from fxrewrite.measure.latency import LatencyReport, measure_latency
 from fxrewrite.report.report import CostComparison, Report, SiteCost, SiteRecord
@@ -65,6 +65,13 @@ def as_passes(passes: PassesArg) -> list[Any]:
     if bad:
         raise ConfigError(f"passes must be a pipeline string or Pass objects; got {bad!r}")
     return out
+
+
+def _built_in(pipeline: list[Any]) -> bool:
+    """Whether ``pipeline`` is non-empty and all fxrewrite's own passes: they change the graph only through the
+    rewriter (new nodes) and never call the module, which lets the pipeline defer code generation and remember the
+    sites (``graph.sites.sites_remembered``)."""
+    return bool(pipeline) and all(type(p).__module__.startswith("fxrewrite.passes.") for p in pipeline)
 
 
 def _collect(errors: list[ConfigError], fn: Callable[..., _T], *args: Any) -> _T | None:
@@ -109,9 +116,8 @@ def _prepare(model: nn.Module, example_inputs: Any, passes: PassesArg, select: A
                       or (isinstance(s, type) and issubclass(s, nn.Module))]
     gm = None
     try:
-        built_in = all(type(p).__module__.startswith("fxrewrite.passes.") for p in pipeline)
         gm = trace(model, concrete_args=concrete_args, leaf_modules=leaf_specs, autowrap_functions=autowrap_functions,
-                   share_tensors=shared, runnable=not (defer_code and pipeline and built_in))
+                   share_tensors=shared, runnable=not (defer_code and _built_in(pipeline)))
         if shared is not None:
             shared.own(gm, keep={str(n.target) for n in gm.graph.find_nodes(op="call_module")
                                  if isinstance(submodule(gm, str(n.target)), nn.Conv2d)})
@@ -262,7 +268,14 @@ def rewrite_graph(model: nn.Module, example_inputs: Any, passes: PassesArg = Non
     verification and the report, in that order (see ``fxrewrite.rewrite`` for the options). Without a budget or
     calibration data (no long data loops), the cyclic garbage collector is paused meanwhile
     (``verification.verify.gc_paused``: its full collections grow with the graph)."""
-    with gc_paused() if target is None and calibration is None else contextlib.nullcontext():
+    if isinstance(passes, Iterator):  # read once, for the check below and for _prepare
+        passes = list(passes)
+    try:
+        remember = target is None and _built_in(as_passes(passes))
+    except ConfigError:  # reported by _prepare with the other configuration errors
+        remember = False
+    with (gc_paused() if target is None and calibration is None else contextlib.nullcontext(),
+          sites_remembered() if remember else contextlib.nullcontext()):
         return _rewrite_graph(model, example_inputs, passes, select, concrete_args, leaf_modules,
                               autowrap_functions, verify, rtol, atol, batches, latency, calibration,
                               calibration_options, target, forms, drop_hooks)

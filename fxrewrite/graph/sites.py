@@ -17,11 +17,13 @@ never edited. Each site says, for each rewrite kind, whether it is eligible, and
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import operator
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -316,12 +318,50 @@ def _make_site(name: str, node: torch.fx.Node, kind: str, module_type: str, spec
                     eligibility, hooks)
 
 
+_REMEMBERED: contextvars.ContextVar[dict[int, tuple[tuple[Any, ...], list[ConvSite]]] | None] = \
+    contextvars.ContextVar("fxrewrite_remembered_sites", default=None)
+
+
+@contextlib.contextmanager
+def sites_remembered() -> Iterator[None]:
+    """Within the block ``find_sites(gm)`` gives its last answer again while ``gm``'s graph holds the same node
+    objects in the same order (and the same ``dropping_hooks`` state): for a caller whose every change to the
+    modules goes through new nodes (fxrewrite's rewriter does: a replaced conv is a new node), so that the capture,
+    the passes' validation and the first pass find the sites once instead of three times.
+
+    >>> from fxrewrite.graph.capture import trace
+    >>> gm = trace(nn.Sequential(nn.Conv2d(3, 8, 3)))
+    >>> with sites_remembered():
+    ...     find_sites(gm)[0] is find_sites(gm)[0]
+    True
+    """
+    token = _REMEMBERED.set({})
+    try:
+        yield
+    finally:
+        _REMEMBERED.reset(token)
+
+
 def find_sites(gm: torch.fx.GraphModule) -> list[ConvSite]:
     """All 2-D convolution sites of ``gm`` in graph order (shapes are filled when ``propagate_shapes`` ran).
 
     Conv nodes are found with the ``CONV2D_MODULE`` / ``CONV2D_FUNCTION`` patterns of ``fxrewrite.graph.patterns``.
     Convs with hooks are blocked (``module-hooks``) unless inside ``dropping_hooks(gm)``.
     """
+    remembered = _REMEMBERED.get()
+    if remembered is None:
+        return _find_sites(gm)
+    # the nodes themselves (held, so no id of a dropped node can be reused), the hooks flag and the graph
+    key = (gm.graph, bool(getattr(gm, "meta", {}).get(DROP_HOOKS_KEY)), *gm.graph.nodes)
+    known = remembered.get(id(gm))
+    if known is not None and len(known[0]) == len(key) and all(a is b for a, b in zip(known[0], key, strict=True)):
+        return list(known[1])
+    sites = _find_sites(gm)
+    remembered[id(gm)] = (key, sites)
+    return list(sites)
+
+
+def _find_sites(gm: torch.fx.GraphModule) -> list[ConvSite]:
     drop_hooks = bool(getattr(gm, "meta", {}).get(DROP_HOOKS_KEY))
     modules = dict(gm.named_modules(remove_duplicate=False))
     conv_nodes = {m["conv"] for m in _MODULE_PATTERN.match(gm)}
