@@ -16,12 +16,7 @@ from fxrewrite.maths.top_eigen import TOL, top_eigenpairs, top_eigenpairs_filter
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _grams(batch: int, rows: int, n: int, seed: int) -> torch.Tensor:

@@ -68,7 +68,7 @@ from fxrewrite.graph.sites import ConvSite
 from fxrewrite.passes import pass_class
 from fxrewrite.passes.candidates import KEEP, Candidate, make_candidate
 from fxrewrite.util.inputs import batch_size_of, calibration_inputs, to_device
-from fxrewrite.util.runtime import device_of, eval_mode
+from fxrewrite.util.runtime import device_of, eval_mode, find_submodule
 
 __all__ = ["Sampled", "SiteGain", "fit_end_to_end", "output_errors", "predicted_error", "site_gains", "uniform_plans"]
 
@@ -402,7 +402,7 @@ def fit_end_to_end(prepared: PreparedBudget, gm: torch.fx.GraphModule, batches: 
         result = plan.apply(copy.deepcopy(gm))
         error = output_errors(gm, [result.graph_module], batches, input_fn=input_fn, cache=cache)[0]
         replaced[plan.signature] = {c.site: m for c in plan.changed
-                                    if (m := _submodule(result.graph_module, c.site)) is not None}
+                                    if (m := find_submodule(result.graph_module, c.site)) is not None}
         key = (error, uniform_plan)
         if all(key <= other for other, _ in kept.values()):  # the best so far (ties kept: the order decides)
             kept[plan.signature] = (key, result)
@@ -446,7 +446,7 @@ def fit_end_to_end(prepared: PreparedBudget, gm: torch.fx.GraphModule, batches: 
                 if c.site in replacements or (p is not plan and c.site in gain_rows):
                     continue
                 module = replaced[p.signature].get(c.site)
-                if module is not None and _submodule(gm, c.site) is not None:
+                if module is not None and find_submodule(gm, c.site) is not None:
                     replacements[c.site] = (module, name)
         fresh = site_gains(gm, replacements, batches, input_fn=input_fn, probes=probes) if replacements else {}
         t_gains += time.perf_counter() - t0
@@ -488,8 +488,3 @@ def fit_end_to_end(prepared: PreparedBudget, gm: torch.fx.GraphModule, batches: 
                                prebuilt=(best.signature, kept[best.signature][1]))
 
 
-def _submodule(gm: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return gm.get_submodule(name)
-    except AttributeError:
-        return None

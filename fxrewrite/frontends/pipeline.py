@@ -99,8 +99,8 @@ def _prepare(model: nn.Module, example_inputs: Any, passes: PassesArg, select: A
     the selectors, the capture options, the example inputs, rules that match no site, what each pass refuses) is
     raised together in one ``ConfigError`` before any pass runs. With ``shared``, the copy's convolutions keep
     ``model``'s own weights (a pass only reads those it replaces; ``shared.own`` copies the rest later) and every
-    other tensor is copied at once. With ``defer_code``, a pipeline of built-in passes (they only edit the graph,
-    and ``PassManager`` recompiles after each) gets a capture without generated code: the caller must
+    other tensor is copied at once. ``defer_code`` (for a pipeline of built-in passes, which only edit the graph
+    and after each of which ``PassManager`` recompiles) gives a capture without generated code: the caller must
     ``make_runnable(gm, generate=False)`` before running the passes."""
     check_traceable_type(model)
     errors: list[ConfigError] = []
@@ -117,7 +117,7 @@ def _prepare(model: nn.Module, example_inputs: Any, passes: PassesArg, select: A
     gm = None
     try:
         gm = trace(model, concrete_args=concrete_args, leaf_modules=leaf_specs, autowrap_functions=autowrap_functions,
-                   share_tensors=shared, runnable=not (defer_code and _built_in(pipeline)))
+                   share_tensors=shared, runnable=not defer_code)
         if shared is not None:
             shared.own(gm, keep={str(n.target) for n in gm.graph.find_nodes(op="call_module")
                                  if isinstance(submodule(gm, str(n.target)), nn.Conv2d)})
@@ -271,14 +271,14 @@ def rewrite_graph(model: nn.Module, example_inputs: Any, passes: PassesArg = Non
     if isinstance(passes, Iterator):  # read once, for the check below and for _prepare
         passes = list(passes)
     try:
-        remember = target is None and _built_in(as_passes(passes))
+        built_in = target is None and _built_in(as_passes(passes))
     except ConfigError:  # reported by _prepare with the other configuration errors
-        remember = False
+        built_in = False
     with (gc_paused() if target is None and calibration is None else contextlib.nullcontext(),
-          sites_remembered() if remember else contextlib.nullcontext()):
+          sites_remembered() if built_in else contextlib.nullcontext()):
         return _rewrite_graph(model, example_inputs, passes, select, concrete_args, leaf_modules,
                               autowrap_functions, verify, rtol, atol, batches, latency, calibration,
-                              calibration_options, target, forms, drop_hooks)
+                              calibration_options, target, forms, drop_hooks, built_in)
 
 
 def _rewrite_graph(model: nn.Module, example_inputs: Any, passes: PassesArg, select: Any,
@@ -286,16 +286,16 @@ def _rewrite_graph(model: nn.Module, example_inputs: Any, passes: PassesArg, sel
                    autowrap_functions: Iterable[Callable[..., Any]], verify: bool | str, rtol: float | None,
                    atol: float | None, batches: Iterable[Any] | None, latency: bool | Mapping[str, Any],
                    calibration: Iterable[Any] | None, calibration_options: Mapping[str, Any] | None, target: Any,
-                   forms: Any, drop_hooks: bool) -> RewriteResult:
+                   forms: Any, drop_hooks: bool, built_in: bool) -> RewriteResult:
     from fxrewrite.passes import PassManager
     if verify not in (True, False, "shapes"):
         raise ConfigError(f"verify must be True, False or 'shapes', got {verify!r}")
     # A budget builds and measures many plans from the capture: it gets a whole copy up front.
     shared = SharedTensors(model) if target is None and isinstance(model, nn.Module) else None
     prep = _prepare(model, example_inputs, passes, select, concrete_args, leaf_modules, autowrap_functions,
-                    drop_hooks, budget=target is not None, shared=shared, defer_code=target is None)
+                    drop_hooks, budget=target is not None, shared=shared, defer_code=built_in)
     pipeline, inputs = prep.pipeline, prep.inputs
-    gm = make_runnable(prep.gm, generate=target is not None or not pipeline)  # else the passes' recompile does it
+    gm = make_runnable(prep.gm, generate=not built_in)  # else the passes' recompile generates the code
     if calibration is not None:
         check_reiterable(calibration)
         check_calibration(calibration, inputs, dict(calibration_options or {}).get("input_fn"))

@@ -28,6 +28,7 @@ from torch import nn
 from fxrewrite.errors import ConfigError, TraceFailure
 from fxrewrite.graph.module_copy import copy_module
 from fxrewrite.graph.ownership import SharedTensors
+from fxrewrite.util.runtime import find_submodule
 
 # Trailing separators: "site-packages/torch" must not swallow "site-packages/torchvision" (a model library whose
 # frames are the ones to show).
@@ -219,10 +220,8 @@ def graph_module_over(root: nn.Module, graph: torch.fx.Graph, *, runnable: bool 
 
 def _held(root: nn.Module, target: str) -> bool:
     """Whether ``target`` names a submodule, parameter or buffer of ``root`` (through its ``_modules`` tables)."""
-    *path, leaf = target.split(".")
-    module: nn.Module | None = root
-    for part in path:
-        module = module._modules.get(part) if module is not None else None
+    path, _, leaf = target.rpartition(".")
+    module = find_submodule(root, path)
     return module is not None and (leaf in module._modules or leaf in module._parameters or leaf in module._buffers)
 
 

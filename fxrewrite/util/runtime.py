@@ -31,23 +31,31 @@ def tensors_of(module: nn.Module) -> Iterator[torch.Tensor]:
                     yield t
 
 
+def find_submodule(root: nn.Module, target: str) -> nn.Module | None:
+    """The submodule ``target`` names, read from the ``_modules`` tables directly (15x faster than
+    ``get_submodule``: no ``hasattr`` / ``getattr`` through ``nn.Module.__getattr__`` per step); None where there is
+    none.
+
+    >>> m = torch.nn.Sequential(torch.nn.Sequential(torch.nn.ReLU()))
+    >>> find_submodule(m, "0.0") is m[0][0], find_submodule(m, "") is m, find_submodule(m, "0.1")
+    (True, True, None)
+    """
+    module: nn.Module | None = root
+    for part in target.split(".") if target else ():
+        module = module._modules.get(part) if module is not None else None
+    return module
+
+
 def submodule(root: nn.Module, target: str) -> nn.Module:
-    """``root.get_submodule(target)``, walking the ``_modules`` tables directly (15x faster: no ``hasattr`` /
-    ``getattr`` through ``nn.Module.__getattr__`` per step); anything unusual goes to ``get_submodule``, which
+    """``root.get_submodule(target)`` through :func:`find_submodule`; where that finds nothing, ``get_submodule``
     raises its usual error.
 
     >>> m = torch.nn.Sequential(torch.nn.Sequential(torch.nn.ReLU()))
-    >>> submodule(m, "0.0") is m[0][0], submodule(m, "") is m
-    (True, True)
+    >>> submodule(m, "0.0") is m[0][0]
+    True
     """
-    if not target:
-        return root
-    module: nn.Module | None = root
-    for part in target.split("."):
-        module = module._modules.get(part) if module is not None else None
-        if module is None:
-            return root.get_submodule(target)
-    return module
+    module = find_submodule(root, target)
+    return module if module is not None else root.get_submodule(target)
 
 
 def device_of(module: nn.Module) -> torch.device | None:
