@@ -1,10 +1,12 @@
 """The rewritten module owns every tensor: ``rewrite`` shares the weights of the convs a pass replaces with the
 user's model only while the pass reads them (``graph.ownership``), and nothing of the returned module is the user's:
-training it, or the repair on calibration data, can never reach the input model."""
+training it, or the repair on calibration data, can never reach the input model, nor can changes to the input model
+reach it. On the CPU the copies are copy-on-write: memory is shared until either side writes."""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +24,13 @@ PIPELINES = ("depthwise-separable{rank=1}", "depthwise-separable{rank=exact}", "
 
 
 def _storages(module: nn.Module) -> dict[int, str]:
+    """Storage objects by identity (``data_ptr()`` would materialise a copy-on-write tensor before looking)."""
     tensors = (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False))
-    return {t.untyped_storage().data_ptr(): name for name, t in tensors if t.numel()}
+    return {t.untyped_storage()._cdata: name for name, t in tensors if t.numel()}
+
+
+def _address(t: torch.Tensor) -> int:
+    return t.const_data_ptr()  # read-only: leaves a lazy copy lazy
 
 
 class Tied(nn.Module):
@@ -62,6 +69,70 @@ def test_rewritten_resnet_shares_no_storage_with_the_input(passes: str) -> None:
         for t in (*result.module.parameters(), *result.module.buffers()):
             t.add_(1)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    kept = {k: v.clone() for k, v in result.module.state_dict().items()}
+    with torch.no_grad():  # and changing the input afterwards leaves the result as it was
+        for t in (*model.parameters(), *model.buffers()):
+            t.sub_(1)
+    assert all(torch.equal(v, kept[k]) for k, v in result.module.state_dict().items())
+
+
+needs_lazy_clone = pytest.mark.skipif(not hasattr(torch, "_lazy_clone"), reason="torch without copy-on-write tensors")
+
+
+@needs_lazy_clone
+def test_kept_cpu_weights_are_copied_on_write() -> None:
+    """The weights no pass replaced read the input's memory until one side writes; then the writer gets its own
+    copy and the other keeps the values it had."""
+    torch.manual_seed(0)
+    model = Tied().eval()
+    result = fxrewrite.rewrite(model, (torch.randn(2, 8, 6, 6),), passes="depthwise-separable{rank=exact}")
+    new = result.module
+    kept = [(new.point.weight, model.point.weight), (new.bn.running_var, model.bn.running_var),
+            (new.fc1.weight, model.fc1.weight), (new.a.weight, model.a.weight)]
+    for copied, original in kept:
+        assert copied is not original and torch._C._is_cow_tensor(copied)
+        assert _address(copied) == _address(original)
+    before = model.point.weight.detach().clone()
+    with torch.no_grad():
+        new.point.weight.mul_(2)  # the writer (the result) gets its own memory
+    assert _address(new.point.weight) != _address(model.point.weight)
+    torch.testing.assert_close(model.point.weight, before, rtol=0, atol=0)
+    torch.testing.assert_close(new.point.weight, before * 2, rtol=0, atol=0)
+    with torch.no_grad():
+        model.bn.running_var.fill_(3.0)  # the writer (the input) gets its own memory
+    assert not torch.equal(new.bn.running_var, model.bn.running_var) and bool((new.bn.running_var == 1).all())
+    assert new.a.weight is new.b.weight  # ties hold on the lazy copies
+
+
+def test_storages_torch_cannot_lazily_copy_are_copied_at_once(tmp_path: Path) -> None:
+    """Memory torch's allocator did not make is copied eagerly, as deepcopy would: numpy's (written behind torch's
+    back afterwards, it reaches the input only), shared memory, and a program loaded with torch.export.load (whose
+    lazy copy torch 2.14 cannot materialise: writing to it crashed the process)."""
+    import numpy as np
+
+    holder = nn.Module()
+    array = np.arange(6, dtype=np.float32)
+    holder.weight = nn.Parameter(torch.from_numpy(array))
+    holder.register_buffer("shm", torch.ones(3).share_memory_())
+    shared = SharedTensors(holder)
+    twin = copy.deepcopy(holder, shared.memo())
+    assert shared.own(twin) == 2
+    assert twin.weight is not holder.weight and _address(twin.weight) != _address(holder.weight)
+    assert _address(twin.shm) != _address(holder.shm)
+    assert isinstance(twin.weight, nn.Parameter) and twin.weight.requires_grad
+    array[0] = 100.0
+    assert float(holder.weight.detach()[0]) == 100.0 and float(twin.weight.detach()[0]) == 0.0
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    torch.export.save(torch.export.export(model, (x,)), str(tmp_path / "m.pt2"))
+    loaded = torch.export.load(str(tmp_path / "m.pt2")).module()
+    result = fxrewrite.rewrite(loaded, (x,), passes="depthwise-separable{rank=exact}")
+    assert result.ok, result.verification
+    with torch.no_grad():
+        for t in (*result.module.parameters(), *result.module.buffers()):
+            t.add_(1)  # a write to a lazy copy of loaded memory would crash here
+    torch.testing.assert_close(loaded(x), model(x))
 
 
 def test_ties_survive_and_unreplaced_convs_are_copied() -> None:
@@ -129,11 +200,11 @@ def test_own_copies_buffers_as_deepcopy_does() -> None:
     assert shared.own(twin) == 7
     for name, t in (*twin.named_buffers(), *twin.named_parameters()):
         ref, orig = dict((*reference.named_buffers(), *reference.named_parameters()))[name], getattr(holder, name)
-        assert t.untyped_storage().data_ptr() != orig.untyped_storage().data_ptr()
+        assert t.untyped_storage()._cdata != orig.untyped_storage()._cdata
         assert (type(t), t.shape, t.stride(), t.storage_offset(), t.requires_grad) == (
             type(ref), ref.shape, ref.stride(), ref.storage_offset(), ref.requires_grad)
         torch.testing.assert_close(t, orig, rtol=0, atol=0)
-    assert twin.left.untyped_storage().data_ptr() == twin.right.untyped_storage().data_ptr()
-    assert twin.flat.untyped_storage().data_ptr() == twin.grid.untyped_storage().data_ptr()
+    assert twin.left.untyped_storage()._cdata == twin.right.untyped_storage()._cdata
+    assert twin.flat.untyped_storage()._cdata == twin.grid.untyped_storage()._cdata
     assert twin.tagged.note == "kept" and twin.tagged.__dict__ == reference.tagged.__dict__
     assert twin.weight.grad is None and reference.weight.grad is None  # Parameter's deepcopy leaves the grad
