@@ -149,6 +149,7 @@ def test_truncated_rank_error(o: int, i: int, big_g: int, g: int, kernel: tuple[
         assert f.rel_error == pytest.approx(recon_err, abs=1e-6)
         assert f.rel_error == pytest.approx(predicted_rel_error(sv, r), abs=1e-12)
         assert f.exact == (r == full)
+        assert f.spatial.is_contiguous() and f.pointwise.is_contiguous()  # adopted by make_conv without a copy
         # ordering/scaling: ||spatial[i*r + j]||^2 == s_j of group i; sign convention holds
         rows = f.spatial.reshape(g, r, -1)
         torch.testing.assert_close(rows.square().sum(-1), sv[:, :r])

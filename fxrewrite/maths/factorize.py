@@ -62,6 +62,7 @@ class SeparableFactors:
     ``spatial`` has shape ``(g*r, I/g, kh, kw)``: output channel ``i*r + j`` belongs to input group ``i``.
     ``pointwise`` has shape ``(O, g*r/G, 1, 1)`` and is used with ``groups=G`` (the source groups).
     ``rel_error`` is ``||W - W'||_F / ||W||_F`` from the singular values; ``exact`` is ``rank >= exact_rank``.
+    Both tensors are contiguous.
     """
 
     spatial: Tensor
@@ -339,13 +340,20 @@ def grouped_separable(weight: Tensor, *, source_groups: int = 1, groups: int, ra
     pointwise = pw.reshape(big_g * ob, (g // big_g) * rank, 1, 1)
 
     return SeparableFactors(
-        spatial=spatial.to(dtype=weight.dtype),
-        pointwise=pointwise.to(dtype=weight.dtype),
+        spatial=_contiguous_as(spatial, weight.dtype),
+        pointwise=_contiguous_as(pointwise, weight.dtype),
         rank=rank,
         groups=groups,
         rel_error=rel,
         exact=rank >= max_rank,
     )
+
+
+def _contiguous_as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, contiguous, in one copy (a conv adopts it as its parameter without another one)."""
+    if t.dtype == dtype and t.is_contiguous():
+        return t
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
 
 
 def depthwise_separable(weight: Tensor, *, source_groups: int = 1, rank: int) -> SeparableFactors:
