@@ -25,6 +25,7 @@ import torch.utils._pytree as pytree
 from fxrewrite.graph import shapes
 from fxrewrite.graph.shapes import fake_mode, fake_propagate, propagate_nodes
 from fxrewrite.graph.site_nodes import first_input
+from fxrewrite.util.runtime import tensors_of
 from fxrewrite.verification.numerics import numerics_blocker
 from fxrewrite.verification.records import CostTotals, OutputCheck, TensorMeta
 from fxrewrite.verification.site_work import SiteWork, passes_of
@@ -178,7 +179,7 @@ def _same_meta(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _on_meta(inputs: Sequence[Any], *modules: torch.nn.Module) -> bool:
     if any(isinstance(x, torch.Tensor) and x.device.type == "meta" for x in inputs):
         return True
-    return any(t.device.type == "meta" for m in modules for t in (*m.parameters(), *m.buffers()))
+    return any(t.device.type == "meta" for m in modules for t in tensors_of(m))
 
 
 def _output_value(gm: torch.fx.GraphModule) -> Any:
