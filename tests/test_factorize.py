@@ -28,13 +28,7 @@ CHANNELS = (1, 3, 4, 6, 8, 16)
 KERNELS = ((3, 3), (1, 1), (3, 1), (1, 5), (2, 2), (5, 5))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threading only adds contention, so run this module single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: intra-op threads only add contention
 
 
 def _divisors(n: int) -> list[int]:
