@@ -15,7 +15,8 @@ from fxrewrite.passes import Grouped
 torch.manual_seed(0)
 model = torchvision.models.mobilenet_v2().eval()
 x = torch.randn(1, 3, 64, 64)
-out = Path(tempfile.mkdtemp(prefix="fxrewrite-export-"))
+workdir = tempfile.TemporaryDirectory(prefix="fxrewrite-export-")  # removed when the script ends, even on an error
+out = Path(workdir.name)
 
 # 1. Rewrite, then save through torch.export and ONNX; each save reloads the artifact and compares it.
 result = fxrewrite.rewrite(model, (x,), passes="grouped{groups=4}", select=["features.1[0-9].conv.2"])
