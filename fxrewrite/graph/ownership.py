@@ -73,34 +73,41 @@ class SharedTensors:
         return count
 
     def _copy(self, t: torch.Tensor) -> torch.Tensor:
-        """``copy.deepcopy(t, memo)``; a plain dense tensor or parameter that alone covers its storage (what
-        ``deepcopy`` would copy whole) is copied directly: lazily on the CPU (see the module docstring), else cloned,
-        without deepcopy's ~17 us of dispatch per buffer."""
+        """``copy.deepcopy(t, memo)``; a plain tensor or parameter that alone covers its storage (what ``deepcopy``
+        would copy whole) is copied directly (:func:`_copy_of`), without deepcopy's ~17 us of dispatch per buffer."""
         done = self._copies.get(id(t))
         if done is not None:
             return done
-        parameter = type(t) is nn.Parameter
-        if ((type(t) is not torch.Tensor and not parameter) or t.__dict__ or (t.requires_grad and not parameter)
-                or t.grad is not None or t.layout is not torch.strided
-                or t.is_quantized or t.is_conj() or t.is_neg() or t.device.type not in ("cpu", "cuda")
-                or t.storage_offset() != 0 or not t.is_contiguous()
-                or t.untyped_storage().nbytes() != t.numel() * t.element_size()
-                or _storage_key(t) in self._shared_storages):
+        if not _whole_plain(t) or _storage_key(t) in self._shared_storages:
             return copy.deepcopy(t, self._copies)
         with torch.no_grad():
-            data = _copy_on_write(t.detach()) if t.device.type == "cpu" else t.detach().clone()
-        copied = self._copies[id(t)] = nn.Parameter(data, t.requires_grad) if parameter else data
+            data = _copy_of(t.detach())
+        copied = self._copies[id(t)] = nn.Parameter(data, t.requires_grad) if type(t) is nn.Parameter else data
         return copied
 
 
-def _copy_on_write(t: torch.Tensor) -> torch.Tensor:
-    """A lazy copy of ``t`` where torch makes one (``torch._lazy_clone``, torch >= 2.3), else an eager one.
+def _whole_plain(t: torch.Tensor) -> bool:
+    """A tensor (without autograd state) or a parameter with no Python attributes and no grad, dense, contiguous,
+    covering its whole storage, on the CPU or CUDA: what a direct copy reproduces as ``deepcopy`` would."""
+    if type(t) is nn.Parameter:
+        if t.__dict__ or t.grad is not None:
+            return False
+    elif type(t) is not torch.Tensor or t.__dict__ or t.requires_grad or t.grad is not None:
+        return False
+    return (t.layout is torch.strided and not (t.is_quantized or t.is_conj() or t.is_neg())
+            and t.device.type in ("cpu", "cuda") and t.storage_offset() == 0 and t.is_contiguous()
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
 
-    Only storages that torch's allocator made (``resizable()``): one whose memory came from elsewhere (``torch.load``,
+
+def _copy_of(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t``: lazy (copy-on-write, ``torch._lazy_clone``, torch >= 2.3) where that is safe, else eager.
+
+    Lazy only on the CPU (a CUDA graph keeps raw pointers, which a later write would leave behind) and only for
+    storages that torch's allocator made (``resizable()``): one whose memory came from elsewhere (``torch.load``,
     ``torch.export.load``, numpy, ``frombuffer``) has no allocator to materialise the copy with, and torch 2.14
     crashes writing to a lazy copy of it; shared-memory storages make ``_lazy_clone`` raise."""
     lazy_clone = getattr(torch, "_lazy_clone", None)
-    if lazy_clone is not None and t.untyped_storage().resizable():
+    if lazy_clone is not None and t.device.type == "cpu" and t.untyped_storage().resizable():
         try:
             return lazy_clone(t)
         except RuntimeError:
