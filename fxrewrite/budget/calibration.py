@@ -98,7 +98,7 @@ class _GramSum:
         self.sums += cols.sum(dim=-1).to(torch.float64)
 
     def _output(self, cols: Tensor) -> Tensor:
-        """The conv's output on ``cols`` (G, m, n), float64."""
+        """The conv's output on ``cols`` (G, m, n), computed in ``cols``' dtype, returned in float64."""
         conv = self.conv
         g, m = conv.groups, conv.out_channels // conv.groups
         y = conv.weight.detach().reshape(g, m, -1).to(cols.dtype) @ cols
@@ -109,10 +109,11 @@ class _GramSum:
         conv = self.conv
         g, m = conv.groups, conv.out_channels // conv.groups
         if self.columns is not None:
-            factor = torch.cat(self.columns, dim=-1).to(torch.float64)
+            kept = torch.cat(self.columns, dim=-1)
             self.columns = None
+            energy = float(self._output(kept).square().sum())  # in the columns' dtype, as the sketch's
+            factor = kept.to(torch.float64)
             w = conv.weight.detach().to(torch.float64).reshape(g, m, -1)
-            energy = float(self._output(factor).square().sum())
             return SiteStats(None, w.cpu(), energy, int(self.count), factor=factor.cpu(), method="columns",
                              memory_cap=self.cap, taps=conv.kernel_size[0] * conv.kernel_size[1])
         if self.sketch is not None:
