@@ -128,56 +128,72 @@ def path_cases(quick: bool, chains: tuple[int, ...] = (1000, 3000, 5000)) -> lis
             *[(f"chain-{n}", ConvChain(n).eval(), torch.randn(1, 16, 8, 8)) for n in chains]]
 
 
-def path_row(name: str, model: nn.Module, x: torch.Tensor, runs: int) -> list[Any]:
-    """One row: symbolic_trace, one forward, rewrite() with defaults and with verify=False (medians, ms). The four
-    are timed in interleaved rounds (one of each per round), so a change of the machine's load between them shifts
-    numerator and denominator alike; a full garbage collection before each keeps one step's garbage out of the
-    next one's time."""
-    verified = fxrewrite.rewrite(model, (x,), passes=PATH_PASSES)  # also the warm-up
-    assert verified.verification is not None and verified.verification.ok, verified.verification
-    convs = sum(r.status == "rewritten" for r in verified.report.records)
+def path_rows(cases: list[tuple[str, nn.Module, torch.Tensor]], runs: int) -> list[list[Any]]:
+    """One row per case: symbolic_trace, one forward, rewrite() with defaults and with verify=False (medians, ms).
+    All four steps of all cases are timed in interleaved rounds (one of each per case per round), so a change of the
+    machine's load shifts numerator and denominator alike, and, for the chains, every conv count alike (the slope
+    compares rows measured in the same minutes); a full garbage collection before each step keeps one step's garbage
+    out of the next one's time."""
+    timed = []
+    for name, model, x in cases:
+        verified = fxrewrite.rewrite(model, (x,), passes=PATH_PASSES)  # also the warm-up
+        assert verified.verification is not None and verified.verification.ok, verified.verification
+        convs = sum(r.status == "rewritten" for r in verified.report.records)
 
-    def forward() -> None:
-        with torch.no_grad():
-            model(x)
+        def forward(model: nn.Module = model, x: torch.Tensor = x) -> None:
+            with torch.no_grad():
+                model(x)
 
-    steps = {"trace": lambda: torch.fx.symbolic_trace(model), "forward": forward,
-             "default": lambda: fxrewrite.rewrite(model, (x,), passes=PATH_PASSES),
-             "plain": lambda: fxrewrite.rewrite(model, (x,), passes=PATH_PASSES, verify=False)}
-    forward()
-    times: dict[str, list[float]] = {k: [] for k in steps}
+        steps = {"trace": lambda m=model: torch.fx.symbolic_trace(m), "forward": forward,
+                 "default": lambda m=model, x=x: fxrewrite.rewrite(m, (x,), passes=PATH_PASSES),
+                 "plain": lambda m=model, x=x: fxrewrite.rewrite(m, (x,), passes=PATH_PASSES, verify=False)}
+        forward()
+        timed.append((name, convs, steps, {k: [] for k in steps}))
     for _ in range(runs):
-        for key, fn in steps.items():
-            gc.collect()  # the previous step's garbage is not charged to this one (rewrite() pauses the collector)
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
-    trace_s, forward_s, default_s, plain_s = (statistics.median(times[k]) for k in steps)
-    base = trace_s + forward_s
-    return [name, convs, trace_s * 1e3, forward_s * 1e3, default_s * 1e3, default_s / base, plain_s * 1e3,
-            plain_s / base, default_s / max(convs, 1) * 1e3]
+        for _, _, steps, times in timed:
+            for key, fn in steps.items():
+                gc.collect()  # the previous step's garbage is not charged to this one (rewrite() pauses the collector)
+                start = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - start)
+    rows = []
+    for name, convs, steps, times in timed:
+        trace_s, forward_s, default_s, plain_s = (statistics.median(times[k]) for k in steps)
+        base = trace_s + forward_s
+        rows.append([name, convs, trace_s * 1e3, forward_s * 1e3, default_s * 1e3, default_s / base, plain_s * 1e3,
+                     plain_s / base, default_s / max(convs, 1) * 1e3])
+        print(f"{name}: {rows[-1]}", file=sys.stderr)
+    return rows
+
+
+def path_row(name: str, model: nn.Module, x: torch.Tensor, runs: int) -> list[Any]:
+    """:func:`path_rows` of one model."""
+    return path_rows([(name, model, x)], runs)[0]
 
 
 def path_table(quick: bool, chains: tuple[int, ...] = (1000, 3000, 5000)) -> str:
     rows = []
     load_before = os.getloadavg()[0]
-    for name, model, x in path_cases(quick, chains):
-        # 7 rounds for the models (a few seconds each; single runs here spread by +-15%), 3 for the long chains
-        rows.append(path_row(name, model, x, 3 if name.startswith("chain-") else 7))
-        print(f"{name}: {rows[-1]}", file=sys.stderr)
+    cases = path_cases(quick, chains)
+    models = [c for c in cases if not c[0].startswith("chain-")]
+    for case in models:  # 7 rounds for the models (a few seconds each; single runs here spread by +-15%)
+        rows.append(path_row(*case, runs=7))
+    # 5 rounds for the chains, every conv count in each round (a chain of 5000 takes ~20 s a round)
+    rows += path_rows([c for c in cases if c[0].startswith("chain-")], 5)
     notes = [f"rewrite() = fxrewrite.rewrite(model, (x,), passes={PATH_PASSES!r}) with default options (capture, "
              "shape propagation, the pass, verification with numerics on the example input, the report); "
              "verify=False leaves the verification out; x / (trace + forward) = its time over symbolic_trace plus "
              "one eager forward (no_grad) of the same model, measured in the same run (goal <= 5x). Medians of 7 "
-             "(models) or 3 (chains) interleaved rounds (one of each per round); "
-             f"torch intra-op threads = {torch.get_num_threads()}; "
+             "(models) or 5 (chains) interleaved rounds (one of each step per round; the chains of every length in "
+             f"the same rounds); torch intra-op threads = {torch.get_num_threads()}; "
              "1-minute load average "
              f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes share the CPUs)."]
-    chains = sorted((int(r[0].split("-")[1]), r[4]) for r in rows if r[0].startswith("chain-"))
+    chains = sorted((int(r[0].split("-")[1]), r[4], r[2] + r[3]) for r in rows if r[0].startswith("chain-"))
     pairs = [*itertools.pairwise(chains), *([(chains[0], chains[-1])] if len(chains) > 2 else [])]
-    for (n0, t0), (n1, t1) in pairs:
+    for (n0, t0, b0), (n1, t1, b1) in pairs:
         notes.append(f"log-log slope of rewrite() time, {n0} -> {n1} convs: "
-                     f"{math.log(t1 / t0) / math.log(n1 / n0):.3f} (goal <= 1.1; 1.0 is linear)")
+                     f"{math.log(t1 / t0) / math.log(n1 / n0):.3f} (goal <= 1.1; 1.0 is linear); of torch's own "
+                     f"symbolic_trace + forward on the same chains: {math.log(b1 / b0) / math.log(n1 / n0):.3f}")
     headers = ["model", "convs rewritten", "symbolic_trace ms", "forward ms", "rewrite() ms", "rewrite() / (trace + "
                "forward)", "verify=False ms", "verify=False / (trace + forward)", "rewrite() ms per conv"]
     return write_results("rewrite_path_speed" + ("_quick" if quick else ""), "rewrite() as users call it (CPU)",
