@@ -122,3 +122,23 @@ def test_float32_eigenvectors_stay_within_the_stated_error_on_a_decaying_spectru
             assert abs(predicted[r] - exact) <= 2e-4, (g, r, predicted[r], exact)
             if exact > 0.1:
                 assert predicted[r] == pytest.approx(exact, rel=1e-5), (g, r)
+
+
+@pytest.mark.parametrize("method", ["columns", "gram"])
+def test_an_exactly_low_rank_weight_reads_float32_level_errors_at_its_rank(method: str) -> None:
+    """A rank-3 weight at d = 1152 (float32 eigenvectors): below rank 3 the errors are the float64 ones to 1e-6,
+    from rank 3 on they read float32's level (SiteStats.compute: ~5e-7), never more than 2e-6."""
+    torch.manual_seed(6)
+    m, d, n = 128, 1152, 200
+    w = (torch.randn(m, 3, dtype=torch.float64) @ torch.randn(3, d, dtype=torch.float64))[None]
+    x = torch.randn(1, d, n, dtype=torch.float64)
+    energy = float((w @ x).square().sum())
+    stats = (SiteStats(None, w, energy, n, factor=x, method="columns", taps=9) if method == "columns"
+             else SiteStats(x @ x.mT, w, energy, n))
+    errors = separable_output_errors(stats, 8)
+    u, s, vh = torch.linalg.svd(w[0].reshape(m, 8, d // 8).transpose(0, 1), full_matrices=False)
+    for r in (0, 1, 2):
+        dw = (u[..., r:] * s[:, None, r:]) @ vh[:, r:]  # the discarded part, float64
+        exact = float((dw.transpose(0, 1).reshape(m, d) @ x[0]).square().sum() / energy) ** 0.5
+        assert errors[r] == pytest.approx(exact, abs=1e-6)
+    assert np.all(errors[3:] <= 2e-6), errors[3:8]

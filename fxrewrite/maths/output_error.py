@@ -93,10 +93,10 @@ class SiteStats:
         float32 from ``_FP32_FROM`` columns on, float64 below (``formula_dtype``). From 1024 columns on (resnet's
         256- and 512-channel 3x3 convs) the slices' eigenvectors are float32 too: products 2-3x and eigenvectors 2x
         faster (resnet18's calibrated budget 9.6 -> 7.5 s). The price is float32's eigenvector accuracy,
-        ``eps * ||A||^2 / gap``: on random 512-channel weights the output errors agree with float64 to about 3e-7;
-        on a steeply decaying spectrum (singular values ``e^{-j/30}``) errors below about 1e-3 carry an absolute
-        error of up to 2e-4 (mostly over-estimated: 2.5e-5 reads 1.6e-4), which the budget's objective
-        ``-log(1 - e^2)`` does not see (``e^2 < 1e-7``)."""
+        ``eps * ||A||^2 / gap``: on random 512-channel weights the output errors agree with float64 to about 3e-7
+        (an exactly rank-r weight's error at rank r reads ~5e-7, not 0); on a steeply decaying spectrum (singular
+        values ``e^{-j/30}``) errors below about 1e-3 carry an absolute error of up to 2e-4 (mostly over-estimated:
+        2.5e-5 reads 1.6e-4), which the budget's objective ``-log(1 - e^2)`` does not see (``e^2 < 1e-7``)."""
         if name not in self._cache:
             dtype = formula_dtype(self.gram.shape[-1])
             if name == "gram":
