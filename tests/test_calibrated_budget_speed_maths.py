@@ -96,6 +96,21 @@ def test_sites_that_keep_their_columns_share_one_pass() -> None:
     assert other_shape.reads == 4  # the shape check, the check that it can be read again, one pass per site
 
 
+def _from_columns(method: str, w: torch.Tensor, x: torch.Tensor) -> SiteStats:
+    """Statistics of the columns ``x`` (1 x d x n, float64) for the weight ``w`` (1 x m x d): the columns themselves
+    ("columns") or their dense Gram ("gram")."""
+    energy, n = float((w @ x).square().sum()), x.shape[-1]
+    if method == "columns":
+        return SiteStats(None, w, energy, n, factor=x, method="columns", taps=9)
+    return SiteStats(x @ x.mT, w, energy, n)
+
+
+def _measured(dw: torch.Tensor, x: torch.Tensor, energy: float) -> float:
+    """The relative output error on the columns ``x`` of a change ``dw`` given per slice (q x m x d/q), in float64."""
+    q, m, c = dw.shape
+    return float((dw.transpose(0, 1).reshape(m, q * c) @ x[0]).square().sum() / energy) ** 0.5
+
+
 @pytest.mark.parametrize("method", ["columns", "gram"])
 def test_float32_eigenvectors_stay_within_the_stated_error_on_a_decaying_spectrum(method: str) -> None:
     """d = 1152 (float32 formulas and eigenvectors) with singular values e^{-j/30}, as trained weights' spectra fall,
@@ -109,16 +124,13 @@ def test_float32_eigenvectors_stay_within_the_stated_error_on_a_decaying_spectru
     x = torch.randn(1, d, n, dtype=torch.float64) * torch.linspace(0.1, 2, d, dtype=torch.float64)[None, :, None]
     energy = float((w @ x).square().sum())
     for g in (1, 8, 32):
-        stats = (SiteStats(None, w, energy, n, factor=x, method="columns", taps=9) if method == "columns"
-                 else SiteStats(x @ x.mT, w, energy, n))
-        predicted = separable_output_errors(stats, g)
+        predicted = separable_output_errors(_from_columns(method, w, x), g)
         q, c = g, d // g
         a = w[0].reshape(m, q, c).transpose(0, 1)
         uu, ss, vv = torch.linalg.svd(a, full_matrices=False)  # float64 truncations, measured on x directly
         for r in range(0, min(m, c), 3):
             kept = (uu[..., :r] * ss[:, None, :r]) @ vv[:, :r]  # (q, m, c)
-            dw = a - kept
-            exact = float((dw.transpose(0, 1).reshape(m, d) @ x[0]).square().sum() / energy) ** 0.5
+            exact = _measured(a - kept, x, energy)
             assert abs(predicted[r] - exact) <= 2e-4, (g, r, predicted[r], exact)
             if exact > 0.1:
                 assert predicted[r] == pytest.approx(exact, rel=1e-5), (g, r)
@@ -133,12 +145,9 @@ def test_an_exactly_low_rank_weight_reads_float32_level_errors_at_its_rank(metho
     w = (torch.randn(m, 3, dtype=torch.float64) @ torch.randn(3, d, dtype=torch.float64))[None]
     x = torch.randn(1, d, n, dtype=torch.float64)
     energy = float((w @ x).square().sum())
-    stats = (SiteStats(None, w, energy, n, factor=x, method="columns", taps=9) if method == "columns"
-             else SiteStats(x @ x.mT, w, energy, n))
-    errors = separable_output_errors(stats, 8)
+    errors = separable_output_errors(_from_columns(method, w, x), 8)
     u, s, vh = torch.linalg.svd(w[0].reshape(m, 8, d // 8).transpose(0, 1), full_matrices=False)
     for r in (0, 1, 2):
-        dw = (u[..., r:] * s[:, None, r:]) @ vh[:, r:]  # the discarded part, float64
-        exact = float((dw.transpose(0, 1).reshape(m, d) @ x[0]).square().sum() / energy) ** 0.5
+        exact = _measured((u[..., r:] * s[:, None, r:]) @ vh[:, r:], x, energy)  # the discarded part, float64
         assert errors[r] == pytest.approx(exact, abs=1e-6)
     assert np.all(errors[3:] <= 2e-6), errors[3:8]
