@@ -147,12 +147,8 @@ def formula_dtype(columns: int) -> torch.dtype:
 
 def _block_quad(m: Tensor, r: Tensor) -> Tensor:
     """``out[x, j, y, l] = sum_{a, b} r[x, a, j] M[(x, a), (y, b)] r[y, b, l]`` for block-diagonal factors ``r``
-    (``q`` blocks of ``c x k``) and a ``qc x qc`` matrix ``M``: ``R^T M R`` in ``D^2 k + D q k^2`` operations, in
-    ``M``'s dtype (see ``SiteStats.compute``)."""
-    return _block_quad_(m, r.to(m.dtype))
-
-
-def _block_quad_(m: Tensor, r: Tensor) -> Tensor:
+    (``q`` blocks of ``c x k``) and a ``qc x qc`` matrix ``M``: ``R^T M R`` in ``D^2 k + D q k^2`` operations; both
+    in the formulas' dtype (``formula_dtype``)."""
     q, c, k = r.shape
     t = (m.reshape(q * c, q, c).transpose(0, 1) @ r)  # (y, (x, a), l)
     t = t.reshape(q, q, c, k).permute(1, 2, 0, 3).reshape(q, c, q * k)  # (x, a, (y, l))
@@ -184,7 +180,7 @@ def separable_output_errors(stats: SiteStats, groups: int) -> np.ndarray:
             with factorize.one_thread():
                 u = torch.linalg.eigh((a @ a.mT).to(dtype)).eigenvectors.flip(-1)  # (q, m, m)
             right = a.mT.to(dtype) @ u
-            flat = u.transpose(0, 1).reshape(m, q * k).to(stats.compute("gram").dtype)
+            flat = u.transpose(0, 1).reshape(m, q * k)
             left = (flat.mT @ flat).reshape(q, k, q, k)
         z += (left * _block_quad(stats.compute("gram")[b], right)).sum(0).sum(1).to(torch.float64)
     tail = z.flip(0, 1).cumsum(0).cumsum(1).flip(0, 1).diagonal()  # tail[r] = sum_{j, l >= r} z[j, l]
