@@ -210,6 +210,29 @@ def test_zero_weight() -> None:
     assert bd.kept_energy == 1.0 and bd.rel_error == 0.0 and bd.exact
 
 
+@pytest.mark.parametrize("o, i, big_g, g", [(8, 6, 1, 6), (8, 6, 1, 3), (8, 6, 2, 6), (8, 8, 4, 8), (6, 12, 3, 6),
+                                             (16, 16, 1, 16), (4, 10, 1, 10)])
+@pytest.mark.parametrize("kernel", [(3, 3), (1, 1), (1, 5)])
+def test_group_matrix_chunks_are_the_group_slices_in_equal_runs(o: int, i: int, big_g: int, g: int,
+                                                               kernel: tuple[int, int]) -> None:
+    """Every chunk size (from one group to all): the chunks, read as they are drawn, are the float64 slices of the
+    weight that input group ``i`` and its output block see, in order; as few runs as ``max_bytes`` allows, whose
+    sizes differ by at most one group."""
+    weight = _weight(o, i, big_g, kernel, torch.float32)
+    ob, c, per_block, k = o // big_g, i // g, g // big_g, kernel[0] * kernel[1]
+    expected = torch.stack([weight[(j // per_block) * ob:(j // per_block + 1) * ob,
+                                   (j % per_block) * c:(j % per_block + 1) * c].reshape(ob, c * k)
+                            for j in range(g)]).to(torch.float64)
+    group_bytes = ob * c * k * 8
+    for per_run in range(1, g + 1):
+        drawn = [chunk.clone() for chunk in factorize.group_matrix_chunks(weight, big_g, g,
+                                                                           max_bytes=per_run * group_bytes + 7)]
+        sizes = [chunk.shape[0] for chunk in drawn]
+        assert len(drawn) == -(-g // per_run) and max(sizes) <= per_run and max(sizes) - min(sizes) <= 1
+        torch.testing.assert_close(torch.cat(drawn), expected, rtol=0, atol=0)
+    torch.testing.assert_close(factorize.group_matrices(weight, big_g, g), expected, rtol=0, atol=0)
+
+
 def test_exact_rank_values() -> None:
     assert exact_rank((8, 4, 3, 3), 1, 4) == 8
     assert exact_rank((32, 4, 3, 3), 1, 4) == 9
