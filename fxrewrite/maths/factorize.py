@@ -148,7 +148,8 @@ def dense_weight(weight: Tensor, source_groups: int) -> Tensor:
 
 
 def group_matrices(weight: Tensor, source_groups: int, groups: int) -> Tensor:
-    """Per-input-group matrices ``A_i`` of shape ``(g, O/G, (I/g)*K)`` in float64.
+    """Per-input-group matrices ``A_i`` of shape ``(g, O/G, (I/g)*K)`` in float64 (for a dense source a strided view
+    of the widened weight, see :func:`group_matrix_chunks`).
 
     ``A_i`` is the source weight restricted to input group ``i`` and the output block that sees it.
     """
