@@ -108,26 +108,23 @@ class _GramSum:
     def stats(self) -> SiteStats:
         conv = self.conv
         g, m = conv.groups, conv.out_channels // conv.groups
+        w = conv.weight.detach().to(torch.float64).reshape(g, m, -1).cpu()  # the statistics are read on the CPU
         if self.columns is not None:
             kept = torch.cat(self.columns, dim=-1)
             self.columns = None
             energy = float(self._output(kept).square().sum())  # in the columns' dtype, as the sketch's
             factor = kept.to(torch.float64)
-            w = conv.weight.detach().to(torch.float64).reshape(g, m, -1)
-            return SiteStats(None, w.cpu(), energy, int(self.count), factor=factor.cpu(), method="columns",
+            return SiteStats(None, w, energy, int(self.count), factor=factor.cpu(), method="columns",
                              memory_cap=self.cap, taps=conv.kernel_size[0] * conv.kernel_size[1])
         if self.sketch is not None:
             all_reduce(self.sketch.factor, self.count, self.energy)
-            w = conv.weight.detach().to(torch.float64).reshape(g, m, -1)
-            return SiteStats(None, w.cpu(), float(self.energy), int(self.count), factor=self.sketch.columns().cpu(),
+            return SiteStats(None, w, float(self.energy), int(self.count), factor=self.sketch.columns().cpu(),
                              method=self.sketch.method, memory_cap=self.cap,
                              taps=conv.kernel_size[0] * conv.kernel_size[1])
         assert self.gram is not None and self.sums is not None
         all_reduce(self.gram, self.sums, self.count)
-        w = conv.weight.detach().to(torch.float64).reshape(g, m, -1).to(self.gram.device)
-        bias = None if conv.bias is None else conv.bias.detach().to(torch.float64).reshape(g, m).to(self.gram.device)
-        return SiteStats.from_gram(self.gram.cpu(), w.cpu(), None if bias is None else bias.cpu(), self.sums.cpu(),
-                                   int(self.count), memory_cap=self.cap)
+        bias = None if conv.bias is None else conv.bias.detach().to(torch.float64).reshape(g, m).cpu()
+        return SiteStats.from_gram(self.gram.cpu(), w, bias, self.sums.cpu(), int(self.count), memory_cap=self.cap)
 
 
 def _add_gram(gram: Tensor, cols: Tensor) -> None:
