@@ -224,7 +224,7 @@ def test_group_matrix_chunks_are_the_group_slices_in_equal_runs(o: int, i: int, 
                                    (j % per_block) * c:(j % per_block + 1) * c].reshape(ob, c * k)
                             for j in range(g)]).to(torch.float64)
     group_bytes = ob * c * k * 8
-    for per_run in range(1, g + 1):
+    for per_run in range(1, g + 1):  # a cap a few bytes above whole groups: runs are whole groups, rounded down
         drawn = [chunk.clone() for chunk in factorize.group_matrix_chunks(weight, big_g, g,
                                                                            max_bytes=per_run * group_bytes + 7)]
         sizes = [chunk.shape[0] for chunk in drawn]
