@@ -23,11 +23,14 @@ import argparse
 import copy
 import gc
 import itertools
+import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -114,18 +117,40 @@ def _put(root: nn.Module, qualname: str, module: nn.Module) -> None:
     root.add_module(parts[-1], module)
 
 
+#: the column of path_rows' rows that holds rewrite() / (trace + forward)
+_RATIO = 5
 PATH_PASSES = "depthwise-separable{rank=1}"
 
 
-def path_cases(quick: bool, chains: tuple[int, ...] = (1000, 3000, 5000)) -> list[tuple[str, nn.Module, torch.Tensor]]:
+def model_cases(quick: bool) -> list[tuple[str, nn.Module, torch.Tensor]]:
     """The models of the default-path table: (name, model, example input)."""
     if quick:
-        return [("resnet50 64x64", torchvision.models.resnet50().eval(), torch.randn(1, 3, 64, 64)),
-                ("chain-100", ConvChain(100).eval(), torch.randn(1, 16, 8, 8)),
-                ("chain-300", ConvChain(300).eval(), torch.randn(1, 16, 8, 8))]
+        return [("resnet50 64x64", torchvision.models.resnet50().eval(), torch.randn(1, 3, 64, 64))]
     return [("resnet152 64x64", torchvision.models.resnet152().eval(), torch.randn(1, 3, 64, 64)),
-            ("resnet50 224x224", torchvision.models.resnet50().eval(), torch.randn(1, 3, 224, 224)),
-            *[(f"chain-{n}", ConvChain(n).eval(), torch.randn(1, 16, 8, 8)) for n in chains]]
+            ("resnet50 224x224", torchvision.models.resnet50().eval(), torch.randn(1, 3, 224, 224))]
+
+
+def chain_cases(chains: tuple[int, ...]) -> list[tuple[str, nn.Module, torch.Tensor]]:
+    """The chains of the default-path table: (name, chain of n convs, example input)."""
+    return [(f"chain-{n}", ConvChain(n).eval(), torch.randn(1, 16, 8, 8)) for n in chains]
+
+
+def model_rows_in_processes(quick: bool, processes: int, threads: int) -> list[list[Any]]:
+    """:func:`path_rows` of the models (7 rounds), once in each of ``processes`` fresh Python processes, one after
+    another. Per model, the row is the process whose rewrite() / (trace + forward) ratio is the median, followed by
+    every process's ratio, sorted: here one process's rounds agree better with each other than with another
+    process's a minute later (resnet152 at 64x64, 15 rounds each, five processes: medians 4.32-4.91x), so a single
+    process's median does not say where the ratio lies."""
+    command = [sys.executable, "-m", "benchmarks.bench_pass_speed", "--model-rows", "--threads", str(threads),
+               *(["--quick"] if quick else [])]
+    runs = [json.loads(subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True,
+                                      cwd=Path(__file__).resolve().parent.parent).stdout.splitlines()[-1])
+            for _ in range(processes)]
+    rows = []
+    for per_process in zip(*runs, strict=True):
+        by_ratio = sorted(per_process, key=lambda row: row[_RATIO])
+        rows.append([*by_ratio[(len(by_ratio) - 1) // 2], " / ".join(f"{row[_RATIO]:.2f}" for row in by_ratio)])
+    return rows
 
 
 def path_rows(cases: list[tuple[str, nn.Module, torch.Tensor]], runs: int) -> list[list[Any]]:
@@ -171,23 +196,20 @@ def path_row(name: str, model: nn.Module, x: torch.Tensor, runs: int) -> list[An
     return path_rows([(name, model, x)], runs)[0]
 
 
-def path_table(quick: bool, chains: tuple[int, ...] = (1000, 3000, 5000)) -> str:
-    rows = []
+def path_table(quick: bool, chains: tuple[int, ...] = (1000, 3000, 5000), processes: int = 5) -> str:
     load_before = os.getloadavg()[0]
-    cases = path_cases(quick, chains)
-    models = [c for c in cases if not c[0].startswith("chain-")]
-    for case in models:  # 7 rounds for the models (a few seconds each; single runs here spread by +-15%)
-        rows.append(path_row(*case, runs=7))
-    # 5 rounds for the chains, every conv count in each round (a chain of 5000 takes ~20 s a round)
-    rows += path_rows([c for c in cases if c[0].startswith("chain-")], 5)
+    rows = model_rows_in_processes(quick, processes, torch.get_num_threads())
+    # 5 rounds for the chains, every conv count in each round (a chain of 5000 takes ~20 s a round), in this process
+    rows += [[*row, ""] for row in path_rows(chain_cases((100, 300) if quick else chains), 5)]
     notes = [f"rewrite() = fxrewrite.rewrite(model, (x,), passes={PATH_PASSES!r}) with default options (capture, "
              "shape propagation, the pass, verification with numerics on the example input, the report); "
              "verify=False leaves the verification out; x / (trace + forward) = its time over symbolic_trace plus "
-             "one eager forward (no_grad) of the same model, measured in the same run (goal <= 5x). Medians of 7 "
-             "(models) or 5 (chains) interleaved rounds (one of each step per round; the chains of every length in "
-             f"the same rounds); torch intra-op threads = {torch.get_num_threads()}; "
-             "1-minute load average "
-             f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes share the CPUs)."]
+             "one eager forward (no_grad) of the same model, measured in the same rounds (goal <= 5x). Medians of "
+             "interleaved rounds (one of each step per round). Models: 7 rounds in each of "
+             f"{processes} fresh processes; the row is the process with the median ratio, the last column every "
+             "process's ratio. Chains: 5 rounds in one process, the chains of every length in the same rounds; "
+             f"torch intra-op threads = {torch.get_num_threads()}; 1-minute load average {load_before:.1f} before, "
+             f"{os.getloadavg()[0]:.1f} after (other processes share the CPUs)."]
     chains = sorted((int(r[0].split("-")[1]), r[4], r[2] + r[3]) for r in rows if r[0].startswith("chain-"))
     pairs = [*itertools.pairwise(chains), *([(chains[0], chains[-1])] if len(chains) > 2 else [])]
     for (n0, t0, b0), (n1, t1, b1) in pairs:
@@ -195,7 +217,8 @@ def path_table(quick: bool, chains: tuple[int, ...] = (1000, 3000, 5000)) -> str
                      f"{math.log(t1 / t0) / math.log(n1 / n0):.3f} (goal <= 1.1; 1.0 is linear); of torch's own "
                      f"symbolic_trace + forward on the same chains: {math.log(b1 / b0) / math.log(n1 / n0):.3f}")
     headers = ["model", "convs rewritten", "symbolic_trace ms", "forward ms", "rewrite() ms", "rewrite() / (trace + "
-               "forward)", "verify=False ms", "verify=False / (trace + forward)", "rewrite() ms per conv"]
+               "forward)", "verify=False ms", "verify=False / (trace + forward)", "rewrite() ms per conv",
+               "rewrite() / (trace + forward), each process"]
     return write_results("rewrite_path_speed" + ("_quick" if quick else ""), "rewrite() as users call it (CPU)",
                          headers, rows, notes)
 
@@ -211,10 +234,21 @@ def main(argv: list[str] | None = None) -> str:
                         help="only the table of rewrite() as users call it (default options)")
     parser.add_argument("--chains", default="1000,3000,5000",
                         help="conv counts of the chains in the rewrite() table (default 1000,3000,5000)")
+    parser.add_argument("--processes", type=int, default=5,
+                        help="fresh processes that each time the models of the rewrite() table (default 5; odd)")
+    parser.add_argument("--model-rows", action="store_true",
+                        help="time the models of the rewrite() table in this process and print their rows as JSON "
+                             "(what each of the --processes runs)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    path_md = path_table(args.quick, tuple(int(n) for n in args.chains.split(",")))
+    if args.model_rows:
+        text = json.dumps([path_row(*case, runs=7) for case in model_cases(args.quick)])
+        print(text)
+        return text
+    if args.processes < 1 or args.processes % 2 == 0:
+        parser.error(f"--processes must be odd and positive (one process has the median ratio), got {args.processes}")
+    path_md = path_table(args.quick, tuple(int(n) for n in args.chains.split(",")), args.processes)
     if args.path_only:
         return path_md
     cases: list[tuple[str, nn.Module, torch.Tensor]] = [
