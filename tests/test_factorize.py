@@ -233,6 +233,40 @@ def test_group_matrix_chunks_are_the_group_slices_in_equal_runs(o: int, i: int, 
     torch.testing.assert_close(factorize.group_matrices(weight, big_g, g), expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("o, i, big_g, g, kernel, rank, from_weight", [
+    (64, 32, 1, 32, (3, 3), 1, True),  # depthwise-separable rank 1: formed from the float32 weight
+    (64, 1, 1, 1, (7, 7), 1, True),  # a one-channel stem, 49 terms an entry
+    (96, 32, 1, 8, (3, 3), 1, True),  # 4 channels a group: 36 terms
+    (128, 16, 1, 2, (3, 3), 1, False),  # 72 terms: over the float32 limit
+    (64, 32, 1, 32, (3, 3), 2, False),  # rank 2
+    (64, 32, 2, 32, (3, 3), 1, False),  # a grouped source
+    (4, 8, 1, 8, (3, 3), 1, False),  # wide matrices (O < c*K)
+])
+def test_float32_rank_one_pointwise_is_the_float64_one_to_float32_rounding(
+        o: int, i: int, big_g: int, g: int, kernel: tuple[int, int], rank: int, from_weight: bool) -> None:
+    """A float32 weight's factors against those of the same weight in float64: the spatial factors and the error are
+    the same; the pointwise factor is the float64 one rounded to float32, or, where it is formed from the float32
+    weight (rank 1, dense, tall, at most 64 terms an entry), within the rounding bound of a float32 sum of products:
+    ``(terms + 2) * eps`` times the sum of the terms' magnitudes."""
+    weight = _weight(o, i, big_g, kernel, torch.float32)
+    k = kernel[0] * kernel[1]
+    ob, terms = o // big_g, i // g * k
+    assert factorize._pointwise_from_weight(weight, big_g, rank, ob, terms) is from_weight
+    f32 = grouped_separable(weight, source_groups=big_g, groups=g, rank=rank)
+    f64 = grouped_separable(weight.double(), source_groups=big_g, groups=g, rank=rank)
+    assert f32.rel_error == f64.rel_error
+    torch.testing.assert_close(f32.spatial, f64.spatial.float(), rtol=0, atol=0)
+    if not from_weight:
+        torch.testing.assert_close(f32.pointwise, f64.pointwise.float(), rtol=0, atol=0)
+        return
+    # rank 1: each group's spatial row is sqrt(s) v, so the vector the weight is multiplied by, v / sqrt(s), is
+    # that row over its squared norm
+    rows = f64.spatial.reshape(g, terms)
+    scaled = rows / rows.square().sum(1, keepdim=True)
+    magnitudes = (weight.double().reshape(o, g, terms).abs() * scaled.abs()).sum(-1)  # (O, g)
+    error = (f32.pointwise.double() - f64.pointwise).reshape(o, g).abs()
+    assert error.max() > 0 and bool((error <= (terms + 2) * torch.finfo(torch.float32).eps * magnitudes).all())
+
 def test_exact_rank_values() -> None:
     assert exact_rank((8, 4, 3, 3), 1, 4) == 8
     assert exact_rank((32, 4, 3, 3), 1, 4) == 9
