@@ -41,6 +41,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             result = distill(model, rewritten, shard, **options)
             torch.save({"state": result.module.state_dict(), "losses": result.losses, "reverted": result.reverted,
                         "probe": (result.probe_before, result.probe_after)}, Path(out_dir) / f"rank{rank}-{lr}.pt")
+        # both ranks done before either tears gloo down: one rank closing its connections while the other was still
+        # in its last collective aborted a worker once (SIGABRT, "terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
