@@ -11,8 +11,9 @@ default (``--threads``: the factorisation runs on one thread whatever the settin
 The second table is the path users call: ``fxrewrite.rewrite(model, (x,), passes="depthwise-separable{rank=1}")``
 with its default options (capture, shapes, the pass, verification with numerics, the report), and the same with
 ``verify=False``, side by side with ``torch.fx.symbolic_trace`` and one eager forward pass (``torch.no_grad``) of the
-same model, on one thread; its chain rows give the time per conv and the log-log slope of the whole path's time in
-the conv count (linear: 1.0).
+same model, on one thread; its model rows are timed in five fresh processes (the row is the one with the median
+ratio, the last column lists every process's), its chain rows in this one give the time per conv and the log-log
+slope of the whole path's time in the conv count (linear: 1.0).
 
 Run alone: ``.venv/bin/python -m benchmarks.bench_pass_speed [--quick] [--threads N] [--path-only]``.
 """
@@ -139,7 +140,7 @@ def model_rows_in_processes(quick: bool, processes: int, threads: int) -> list[l
     """:func:`path_rows` of the models (7 rounds), once in each of ``processes`` fresh Python processes, one after
     another. Per model, the row is the process whose rewrite() / (trace + forward) ratio is the median, followed by
     every process's ratio, sorted: here one process's rounds agree better with each other than with another
-    process's a minute later (resnet152 at 64x64, 15 rounds each, five processes: medians 4.32-4.91x), so a single
+    process's a minute later (resnet152 at 64x64, 15 rounds each, seven processes: medians 4.32-4.91x), so a single
     process's median does not say where the ratio lies."""
     command = [sys.executable, "-m", "benchmarks.bench_pass_speed", "--model-rows", "--threads", str(threads),
                *(["--quick"] if quick else [])]
